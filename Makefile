@@ -1,0 +1,36 @@
+# segcore: two commands do all the set-up on a fresh Linux machine with Python 3.11+.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: install test demo lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+# torch first, pinned to the CPU build that lies on these machines (any other torch pulls
+# a multi-GB CUDA build); then the project with its dev extras.
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m segcore.demo $(DEMO_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check segcore flows tests
+
+bench: $(STAMP)
+	$(PY) scripts/bench_memory.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Input/output: URIs over fsspec, scene readers, Zarr stores."""
