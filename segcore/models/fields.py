@@ -136,3 +136,39 @@ def _field_for_json(spec_json: str) -> ReceptiveField:
 
     spec = ModelSpec.model_validate_json(spec_json)
     return measure_receptive_field(build_model(spec), spec.in_channels)
+
+
+def _cache_file():
+    import os
+    from pathlib import Path
+
+    base = os.environ.get("SEGCORE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "segcore")
+    return Path(base) / "receptive_fields.json"
+
+
+def cached_receptive_field(spec: ModelSpec) -> ReceptiveField:
+    """``receptive_field_for_spec`` with a small on-disk cache (U2-Net's probe takes a minute
+    or so; U-Net's well under a second). The key is the architecture, never the weights."""
+    import json
+    import os
+
+    key = ModelSpec(arch=spec.arch, in_channels=spec.in_channels, out_channels=1,
+                    kwargs=spec.kwargs).model_dump_json()
+    path = _cache_file()
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if key in table:
+        return ReceptiveField(**table[key])
+    field = receptive_field_for_spec(ModelSpec.model_validate_json(key))
+    table[key] = {"left": field.left, "right": field.right, "is_global": field.is_global}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home only costs the probe again next time
+    return field
