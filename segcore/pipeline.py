@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from segcore.config import Frozen
 from segcore.errors import IncompleteResultError, InputError
+from segcore.execute import run_tasks
 from segcore.io.uri import exists, get_fs, join, read_bytes, write_bytes_atomic
 from segcore.models.checkpoint import read_checkpoint
 from segcore.models.fields import ReceptiveField, cached_receptive_field
@@ -259,59 +260,12 @@ def _task_specs(p: ScenePlan):
                        cfg.prob_dtype, tiles[i:i + n], p.run[i:i + n], tuple(range(i, i + len(tiles[i:i + n]))))
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="tile", dynamic_ncols=True)
-
-
-def _gather(fn, specs: list, client, resources, progress: bool, desc: str, count) -> list:
-    """Run ``fn(spec)`` for every spec, on Dask if a client is given. Completed tasks are kept
-    even when one fails (they are resumable); the first error is raised at the end."""
-    results: list = []
-    first_error: BaseException | None = None
-    bar = _progress(sum(count(s) for s in specs), progress, desc)
-    t0 = time.perf_counter()
-    try:
-        if client is None:
-            for s in specs:
-                try:
-                    r = fn(s)
-                except Exception as e:  # noqa: BLE001 - re-raised below, after the others ran
-                    first_error = first_error or e
-                    continue
-                results.extend(r or [])
-                bar.update(count(s))
-        else:
-            from distributed import as_completed
-
-            futs = {client.submit(fn, s, resources=resources, pure=False): s for s in specs}
-            for fut in as_completed(futs):
-                try:
-                    r = fut.result()
-                except Exception as e:  # noqa: BLE001 - re-raised below
-                    first_error = first_error or e
-                    continue
-                results.extend(r or [])
-                bar.update(count(futs[fut]))
-                px = sum(x.get("pixels", 0) for x in results) if results and isinstance(
-                    results[0], dict) else 0
-                el = time.perf_counter() - t0
-                if px and el > 0:
-                    bar.set_postfix_str(f"{px / el / 1e6:.2f} Mpx/s")
-    finally:
-        bar.close()
-    if first_error is not None:
-        raise first_error
-    return results
-
-
 def run_shards(p: ScenePlan, client=None, resources: dict | None = None,
                progress: bool = True) -> list[dict]:
     from segcore.shards import run_task
 
     specs = list(_task_specs(p))
-    return _gather(run_task, specs, client, resources, progress, "segment",
+    return run_tasks(run_task, specs, client, resources, progress, "segment",
                    lambda s: len(s.tiles))
 
 
@@ -340,7 +294,7 @@ def build_pyramid(p: ScenePlan, client=None, progress: bool = False) -> int:
         h, w = level_shape(p.info.height, p.info.width, lv)
         specs = [(out, lv, r, c, shard) for r in range(math.ceil(h / shard))
                  for c in range(math.ceil(w / shard))]
-        _gather(_downsample_task, specs, client, None, progress, f"pyramid {lv}", lambda s: 1)
+        run_tasks(_downsample_task, specs, client, None, progress, f"pyramid {lv}", lambda s: 1)
     return n_levels
 
 

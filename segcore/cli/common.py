@@ -1,0 +1,51 @@
+"""Shared CLI plumbing: cluster flags, config validation with readable messages."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import ValidationError
+
+from segcore.errors import ConfigError
+
+
+def validated(config_cls: type, **kwargs: Any):
+    """Build a config model; pydantic's errors become one ConfigError naming each field."""
+    try:
+        return config_cls(**{k: v for k, v in kwargs.items() if v is not None})
+    except ValidationError as e:
+        parts = [f"--{'.'.join(str(x) for x in err['loc']).replace('_', '-')}: {err['msg']}"
+                 if err["loc"] else err["msg"] for err in e.errors()]
+        raise ConfigError("; ".join(parts)) from None
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("execution")
+    g.add_argument("--workers", type=int, default=None,
+                   help="local Dask worker processes (default: sized to the machine; "
+                        "0 = run in this process without Dask)")
+    g.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    g.add_argument("--gpus", type=int, default=None,
+                   help="one worker per GPU (pinned with CUDA_VISIBLE_DEVICES); needs CUDA")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+@contextlib.contextmanager
+def client_from_args(args: argparse.Namespace) -> Iterator[Any]:
+    """Yield (client or None, inference resources or None)."""
+    from segcore.cluster import ClusterConfig, open_client
+
+    if args.workers == 0 and not args.scheduler:
+        yield None, None
+        return
+    if args.scheduler:
+        cfg = validated(ClusterConfig, mode="address", address=args.scheduler)
+    elif args.gpus:
+        cfg = validated(ClusterConfig, mode="gpu", gpus=tuple(str(i) for i in range(args.gpus)))
+    else:
+        cfg = validated(ClusterConfig, mode="local", n_workers=args.workers)
+    with open_client(cfg) as (client, resources):
+        yield client, resources

@@ -1,0 +1,59 @@
+"""`segcore segment SRC DST --model CKPT`: segment a scene of any size, tile by tile."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from segcore.cli.common import add_cluster_args, client_from_args, validated
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="scene: TIFF/SVS/OME-TIFF/GeoTIFF/PNG/JPEG/Zarr, local or s3://")
+    p.add_argument("dst", help="output prefix (local directory or s3://bucket/prefix)")
+    p.add_argument("--model", required=True, help="checkpoint URI (segcore safetensors)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--level", type=int, help="pyramid level of the source (0 = full)")
+    g.add_argument("--mpp", type=float, help="target pixel size (um/px slides, m/px scenes)")
+    p.add_argument("--tile", type=int, default=1024, help="model window edge (default 1024)")
+    p.add_argument("--halo", default="auto",
+                   help="context pixels around each core; 'auto' = receptive field (exact)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
+    p.add_argument("--foreground", default="auto", choices=["auto", "tissue", "nonzero", "all"])
+    p.add_argument("--no-skip-background", action="store_true",
+                   help="run the model on every tile, foreground or not")
+    p.add_argument("--prob-dtype", default="uint8", choices=["uint8", "float16"])
+    p.add_argument("--shards-per-task", type=int, default=4)
+    add_cluster_args(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from segcore.pipeline import SegmentConfig, segment
+
+    halo = args.halo if args.halo == "auto" else _int(args.halo, "--halo")
+    cfg = validated(SegmentConfig, src=args.src, out=args.dst, model=args.model,
+                    level=args.level, mpp=args.mpp, tile=args.tile, halo=halo,
+                    batch=args.batch, device=args.device, amp=args.amp,
+                    foreground=args.foreground, skip_background=not args.no_skip_background,
+                    prob_dtype=args.prob_dtype, shards_per_task=args.shards_per_task)
+    with client_from_args(args) as (client, resources):
+        report = segment(cfg, client=client, resources=resources, progress=not args.quiet)
+    for w in report.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"{report.tiles_run} tiles run, {report.tiles_skipped_background} background, "
+          f"{report.tiles_resumed} resumed of {report.tiles_total}; {report.seconds:.1f} s, "
+          f"{report.mpx_per_s:.2f} Mpx/s; {'exact' if report.exact else 'APPROXIMATE'} "
+          f"stitching (halo {report.halo}, field {report.receptive_field})")
+    print(report.uris["report"])
+    return 0
+
+
+def _int(v: str, flag: str) -> int:
+    from segcore.errors import ConfigError
+
+    try:
+        return int(v)
+    except ValueError:
+        raise ConfigError(f"{flag} {v!r} must be a whole number of pixels or 'auto'") from None

@@ -1,0 +1,61 @@
+"""Run a list of small task specs locally or as Dask futures, with a progress bar.
+
+Tasks carry URIs and regions (never pixel arrays). Completed tasks are kept even when one
+fails, because their shards are resumable; the first error is raised once all have ended.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="tile", dynamic_ncols=True)
+
+
+def _outcomes(fn, specs: list, client, resources) -> Iterable[tuple[object, object, BaseException | None]]:
+    """(spec, result, error) as each task ends: in order locally, as completed on Dask."""
+    if client is None:
+        for s in specs:
+            try:
+                yield s, fn(s), None
+            except Exception as e:  # noqa: BLE001 - handed to the caller, re-raised there
+                yield s, None, e
+        return
+    from distributed import as_completed
+
+    futs = {client.submit(fn, s, resources=resources, pure=False): s for s in specs}
+    for fut in as_completed(futs):
+        try:
+            yield futs[fut], fut.result(), None
+        except Exception as e:  # noqa: BLE001 - handed to the caller, re-raised there
+            yield futs[fut], None, e
+
+
+def run_tasks(fn: Callable, specs: list, client, resources: dict | None, progress: bool,
+              desc: str, count: Callable[[object], int]) -> list:
+    """Run ``fn(spec)`` for every spec (each returns a list of dicts); the bar shows tiles
+    done/total, Mpx/s (from the results' ``pixels``) and the ETA."""
+    results: list = []
+    first_error: BaseException | None = None
+    bar = _progress(sum(count(s) for s in specs), progress, desc)
+    t0, px = time.perf_counter(), 0
+    try:
+        for spec, res, err in _outcomes(fn, specs, client, resources):
+            if err is not None:
+                first_error = first_error or err
+                continue
+            results.extend(res or [])
+            px += sum(r.get("pixels", 0) for r in res or [] if isinstance(r, dict))
+            bar.update(count(spec))
+            elapsed = time.perf_counter() - t0
+            if px and elapsed > 0:
+                bar.set_postfix_str(f"{px / elapsed / 1e6:.2f} Mpx/s")
+    finally:
+        bar.close()
+    if first_error is not None:
+        raise first_error
+    return results

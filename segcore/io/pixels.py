@@ -1,0 +1,89 @@
+"""What every scene source shares: the pixel types we serve and the source interface.
+
+A *source* is one opened file/array with all its pyramid levels; ``segcore.io.readers.Scene``
+wraps a source at one level. Sources are internal: callers use ``open_scene``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from segcore.errors import InputError
+
+NATIVE = ("uint8", "uint16", "float32")
+# Converted on read: exactly (bool, int8, int16, float16) or with rounding (32/64-bit).
+TO_FLOAT32 = ("int8", "int16", "float16", "int32", "uint32", "int64", "uint64", "float64")
+
+
+def output_dtype(dtype: Any, uri: str) -> np.dtype:
+    """The dtype a scene serves for pixels stored as ``dtype`` (or InputError)."""
+    dt = np.dtype(dtype)
+    if dt.name in NATIVE:
+        return dt
+    if dt == np.bool_:
+        return np.dtype("uint8")
+    if dt.name in TO_FLOAT32:
+        return np.dtype("float32")
+    raise InputError(
+        f"{uri}: pixel type {dt.name} is not supported; convert the image to uint8, uint16 or "
+        "float32 (e.g. with gdal_translate -ot or tifffile)"
+    )
+
+
+def to_output(arr: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return arr if arr.dtype == dtype else arr.astype(dtype)
+
+
+def level_ratio(shapes: tuple[tuple[int, int], ...], level: int) -> tuple[float, float]:
+    """(fy, fx): how many level-0 pixels one pixel of ``level`` spans along y and x."""
+    (h0, w0), (h, w) = shapes[0], shapes[level]
+    return h0 / h, w0 / w
+
+
+@dataclass
+class SourceMeta:
+    """Level-independent facts about a source (pixel size and geo are those of level 0)."""
+
+    uri: str
+    format: str
+    level_shapes: tuple[tuple[int, int], ...]
+    channels: int
+    dtype: str
+    pixel_size: float | None = None
+    pixel_unit: str | None = None
+    geo: dict | None = None
+    nodata: float | None = None
+
+
+class Source:
+    """Interface of a scene source (TIFF, Zarr, Pillow)."""
+
+    meta: SourceMeta
+
+    def open_level(self, level: int) -> None:
+        """Prepare reads of ``level`` (and check it is complete, if that is cheap)."""
+
+    def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """(y1-y0, x1-x0, channels) in ``meta.dtype``; the region is already validated."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release file handles."""
+
+
+def parse_nodata(value: Any) -> float | None:
+    """GDAL_NODATA text ('0', '-9999', 'nan') or a number -> float."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    text = str(value).strip().strip("\x00")
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None

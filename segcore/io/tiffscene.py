@@ -1,0 +1,259 @@
+"""TIFF family source: TIFF/BigTIFF, pyramidal TIFF, OME-TIFF, Aperio SVS, GeoTIFF.
+
+Regions are read lazily through tifffile's Zarr store (``series[0].aszarr(level=L)``), so a
+small region of a tiled file decodes only the tiles it touches. Remote files are read through
+an fsspec file object. The store holds a lock and is never pickled (``Scene`` pickles its URI).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import numpy as np
+import tifffile
+import zarr
+
+from segcore.errors import InputError, StorageError
+from segcore.io import geo as geomod
+from segcore.io.pixels import (
+    Source,
+    SourceMeta,
+    output_dtype,
+    parse_nodata,
+    to_output,
+)
+from segcore.io.uri import get_fs, is_local
+
+CHANNEL_AXES = "SC"  # samples (RGB...) and OME channels
+ALPHA = (1, 2)  # ExtraSamples: associated / unassociated alpha
+_OME_UNITS_UM = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+_MPP = re.compile(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
+
+
+class TiffSource(Source):
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._fh = None
+        self._arrays: dict[int, Any] = {}
+        self._stores: list[Any] = []
+        fs, path = get_fs(uri)
+        try:
+            if is_local(uri):
+                self._size = os.path.getsize(path)
+                self._tif = tifffile.TiffFile(path)
+            else:
+                self._fh = fs.open(path, "rb", block_size=2**20, cache_type="readahead")
+                self._size = int(self._fh.size)
+                self._tif = tifffile.TiffFile(self._fh)
+        except FileNotFoundError as e:
+            raise InputError(f"{uri}: no such file") from e
+        except (
+            tifffile.TiffFileError,
+            ValueError,
+            IndexError,
+            KeyError,
+            struct.error,
+            EOFError,
+        ) as e:
+            self.close()
+            raise InputError(f"{uri}: not a readable TIFF ({e}); check the file is complete") from e
+        except OSError as e:
+            self.close()
+            raise StorageError(f"{uri}: cannot open: {e}") from e
+        try:
+            self.meta = self._inspect()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- metadata -------------------------------------------------------------------------
+    def _inspect(self) -> SourceMeta:
+        tif, uri = self._tif, self.uri
+        if not tif.series:
+            raise InputError(f"{uri}: TIFF has no image")
+        series = tif.series[0]
+        axes, shape = series.axes, series.shape
+        if "Y" not in axes or "X" not in axes:
+            raise InputError(f"{uri}: TIFF image has axes {axes!r}, expected a 2-D image (Y, X)")
+        extra = [(a, n) for a, n in zip(axes, shape, strict=True) if a not in "YX" and n > 1]
+        chan = [a for a, _ in extra if a in CHANNEL_AXES]
+        other = [f"{a}={n}" for a, n in extra if a not in CHANNEL_AXES]
+        if other or len(chan) > 1:
+            raise InputError(
+                f"{uri}: TIFF image has axes {axes!r} with shape {shape}; segcore reads one 2-D "
+                f"image (Y, X and one channel axis), not a stack ({', '.join(other) or axes}); "
+                "split the stack into single images"
+            )
+        self._axes = axes
+        self._chan_axis = chan[0] if chan else None
+        nch = shape[axes.index(self._chan_axis)] if self._chan_axis else 1
+        page = series.keyframe
+        nalpha = 0
+        if self._chan_axis == "S":
+            extras = tuple(getattr(page, "extrasamples", ()) or ())
+            while nalpha < len(extras) and extras[len(extras) - 1 - nalpha] in ALPHA:
+                nalpha += 1
+        self._nch = nch - nalpha
+        levels = []
+        for lv in series.levels:
+            if lv.axes != axes:
+                break  # a level with other axes is not part of this pyramid
+            levels.append((int(lv.shape[axes.index("Y")]), int(lv.shape[axes.index("X")])))
+        self._dtype = output_dtype(series.dtype, uri)
+        if tif.is_svs:
+            fmt = "svs"
+        elif tif.is_ome:
+            fmt = "ome-tiff"
+        elif tif.is_geotiff:
+            fmt = "geotiff"
+        else:
+            fmt = "tiff"
+        meta = SourceMeta(
+            uri=uri,
+            format=fmt,
+            level_shapes=tuple(levels),
+            channels=self._nch,
+            dtype=self._dtype.name,
+            nodata=parse_nodata(page.tags.valueof(42113)),
+        )
+        if tif.is_geotiff:
+            keys = tif.geotiff_metadata
+            meta.geo = geomod.geotiff_geo(keys)
+            if meta.geo is not None:
+                meta.pixel_size = geomod.transform_pixel_size(meta.geo["transform"])
+                meta.pixel_unit = geomod.geotiff_unit(keys)
+                if meta.pixel_unit is None:
+                    meta.pixel_size = None
+        elif fmt == "svs":
+            m = _MPP.search(page.description or "")
+            if m:
+                meta.pixel_size, meta.pixel_unit = float(m.group(1)), "micrometer"
+        elif fmt == "ome-tiff":
+            meta.pixel_size = _ome_pixel_size(tif.ome_metadata)
+            meta.pixel_unit = "micrometer" if meta.pixel_size else None
+        else:
+            meta.pixel_size = _resolution_um(tif, page)
+            meta.pixel_unit = "micrometer" if meta.pixel_size else None
+        return meta
+
+    # --- reading --------------------------------------------------------------------------
+    def open_level(self, level: int) -> None:
+        if level in self._arrays:
+            return
+        lv = self._tif.series[0].levels[level]
+        self._check_complete(lv, level)
+        store = self._tif.series[0].aszarr(level=level)
+        self._stores.append(store)
+        self._arrays[level] = zarr.open_array(store, mode="r")
+
+    def _check_complete(self, lv: Any, level: int) -> None:
+        """Every tile/strip of the level must lie inside the file (tifffile would not notice)."""
+        total = bad = 0
+        for page in lv.pages:
+            if page is None:
+                continue
+            offs = np.asarray(page.dataoffsets, dtype=np.int64)
+            cnts = np.asarray(page.databytecounts, dtype=np.int64)
+            total += offs.size
+            bad += int(np.count_nonzero((cnts > 0) & (offs + cnts > self._size)))
+        if bad:
+            raise InputError(
+                f"{self.uri}: truncated TIFF: {bad} of {total} tiles/strips of level {level} lie "
+                f"beyond the end of the file ({self._size} bytes); copy or export the file again"
+            )
+
+    def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        arr = self._arrays[level]
+        idx: list[Any] = []
+        kept = ""
+        for a in self._axes:
+            if a == "Y":
+                idx.append(slice(y0, y1))
+            elif a == "X":
+                idx.append(slice(x0, x1))
+            elif a == self._chan_axis:
+                idx.append(slice(0, self._nch))
+            else:
+                idx.append(0)
+                continue
+            kept += a
+        try:
+            out = np.asarray(arr[tuple(idx)])
+        except FileNotFoundError as e:
+            raise InputError(f"{self.uri}: file vanished while reading: {e}") from e
+        except OSError as e:
+            raise StorageError(
+                f"{self.uri}: I/O error reading y {y0}:{y1}, x {x0}:{x1} (level {level}): {e}"
+            ) from e
+        except Exception as e:  # decoder errors have many types (imagecodecs, zlib, tifffile)
+            raise InputError(
+                f"{self.uri}: cannot decode region y {y0}:{y1}, x {x0}:{x1} (level {level}): "
+                f"{type(e).__name__}: {e}; the file is corrupt or truncated"
+            ) from e
+        if self._chan_axis is None:
+            out = out[..., None]
+            kept += "C"
+        order = [
+            kept.index("Y"),
+            kept.index("X"),
+            next(i for i, a in enumerate(kept) if a not in "YX"),
+        ]
+        return to_output(np.ascontiguousarray(out.transpose(order)), self._dtype)
+
+    def close(self) -> None:
+        for store in self._stores:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        self._stores.clear()
+        self._arrays.clear()
+        tif = getattr(self, "_tif", None)
+        if tif is not None:
+            tif.close()
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _ome_pixel_size(xml: str | None) -> float | None:
+    """PhysicalSizeX of the first OME image in micrometres."""
+    if not xml:
+        return None
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
+    pixels = root.find(f"{ns}Image/{ns}Pixels")
+    if pixels is None or pixels.get("PhysicalSizeX") is None:
+        return None
+    factor = _OME_UNITS_UM.get(pixels.get("PhysicalSizeXUnit", "µm"))
+    try:
+        size = float(pixels.get("PhysicalSizeX"))
+    except ValueError:
+        return None
+    return size * factor if factor and size > 0 else None
+
+
+def _resolution_um(tif: tifffile.TiffFile, page: Any) -> float | None:
+    """Pixel size from XResolution/ResolutionUnit (inch, cm) or ImageJ's 'unit=micron'."""
+    if 282 not in page.tags:
+        return None
+    xres = page.resolution[0]
+    if not xres or xres <= 0:
+        return None
+    unit = page.resolutionunit
+    if unit == 2:
+        return 25400.0 / xres
+    if unit == 3:
+        return 10000.0 / xres
+    if tif.is_imagej:
+        u = str((tif.imagej_metadata or {}).get("unit", "")).lower()
+        if u in ("micron", "um", "µm", "\\u00b5m", "microns"):
+            return 1.0 / xres
+    return None
