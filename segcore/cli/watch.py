@@ -24,8 +24,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--once", action="store_true", help="list once and exit (default)")
     g.add_argument("--max-iterations", type=int, help="poll this many times, then exit")
+    g.add_argument("--forever", action="store_true", help="poll until interrupted")
     p.add_argument("--interval", type=float, default=30.0, help="seconds between polls")
-    p.add_argument("--forever", action="store_true", help="poll until interrupted")
     p.add_argument("--dry-run", action="store_true",
                    help="print what would be announced; emit nothing, remember nothing")
 

@@ -1,0 +1,35 @@
+"""``train_model``: a manual deployment wrapping segcore.training.train(TrainConfig)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.common import STEP
+from segcore.training import TrainConfig, train
+
+
+@task(name="train", **{**STEP, "retries": 0})  # a crashed run resumes from cfg.resume instead
+def train_task(cfg: TrainConfig) -> dict:
+    return asdict(train(cfg, progress=False))
+
+
+@flow(name="train-model", validate_parameters=True)
+def train_model(cfg: TrainConfig) -> dict:
+    """Train a model; the checkpoint (with its contract) goes to ``cfg.out``."""
+    res = train_task(cfg)
+    best = res.get("best_val")
+    md = "\n".join([
+        f"# segcore training `{cfg.arch}`", "", "| field | value |", "|---|---|",
+        f"| data | `{cfg.data}` |", f"| checkpoint | `{res['checkpoint']}` |",
+        f"| best | `{res.get('best')}` |", f"| steps | {res['steps']} |",
+        f"| seconds | {res['seconds']:.1f} |",
+        f"| final loss | {res['losses'][-1]:.4f} |" if res.get("losses") else "| final loss | - |",
+        f"| best val Dice | {best:.4f} |" if best is not None else "| best val Dice | - |",
+        f"| curve | `{res.get('curve')}` |",
+    ])
+    create_markdown_artifact(markdown=md + "\n", key="segcore-train",
+                             description=f"segcore training: {cfg.out}")
+    return {k: v for k, v in res.items() if k not in ("losses",)}
