@@ -44,6 +44,9 @@ class TaskSpec:
     tiles: tuple[Tile, ...]
     run: tuple[bool, ...]  # False: background tile, written as nothing (fill value 0)
     indices: tuple[int, ...]  # global tile index (for fault injection and ordering)
+    blend: bool = False
+    halo: int = 0
+    neighbours: tuple[tuple[Tile, ...], ...] = ()  # blend mode: the windows around each tile
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,27 @@ def run_task(spec: TaskSpec) -> list[dict]:
                                 tile.wy0, tile.wy1, tile.wx0, tile.wx1)
         return normalize(raw, pred.contract)
 
-    # batches of equal window shape; the next batch is read while this one computes
+    cores = _blended_cores(spec, todo, pred, read) if spec.blend else \
+        _cropped_cores(spec, todo, pred, read)
+    for idx, tile, core, seconds in cores:
+        if fault is not None and int(fault) == idx:
+            raise RuntimeError(f"injected fault at shard {idx} ({tile.key}) [{FAULT_ENV}]")
+        mask = labels_from_probs(core)
+        if spec.prob_dtype == "uint8":
+            prob = np.rint(core * 255).astype(np.uint8)
+        else:
+            prob = core.astype(np.float16)
+        write_block(prob_arr, tile.y0, tile.x0, prob)
+        write_block(mask_arr, tile.y0, tile.x0, mask)
+        _write_record(spec.records, tile, "run", _digest(mask, prob))
+        results.append(asdict(ShardResult(tile.key, "run", seconds,
+                                          tile.core_shape[0] * tile.core_shape[1])))
+    return results
+
+
+def _cropped_cores(spec: TaskSpec, todo, pred, read):
+    """Exact mode: one window per tile, cropped to its core. Windows are batched by shape and
+    the next batch is read while the current one computes."""
     batches: list[list[tuple[int, Tile]]] = []
     for idx, tile in sorted(todo, key=lambda it: it[1].window_shape):
         if batches and len(batches[-1]) < spec.batch and \
@@ -135,28 +158,50 @@ def run_task(spec: TaskSpec) -> list[dict]:
             batches[-1].append((idx, tile))
         else:
             batches.append([(idx, tile)])
+    if not batches:
+        return
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(lambda b: [read(t) for _, t in b], batches[0]) if batches else None
+        pending = pool.submit(lambda b: [read(t) for _, t in b], batches[0])
         for bi, group in enumerate(batches):
             t0 = time.perf_counter()
             windows = pending.result()
             if bi + 1 < len(batches):
                 pending = pool.submit(lambda b: [read(t) for _, t in b], batches[bi + 1])
             probs = pred(np.stack(windows))
+            seconds = (time.perf_counter() - t0) / len(group)
             for (idx, tile), p in zip(group, probs, strict=True):
-                if fault is not None and int(fault) == idx:
-                    raise RuntimeError(f"injected fault at shard {idx} ({tile.key}) [{FAULT_ENV}]")
                 ys, xs = tile.crop
-                core = p[:, ys, xs]
-                mask = labels_from_probs(core)
-                if spec.prob_dtype == "uint8":
-                    prob = np.rint(core * 255).astype(np.uint8)
-                else:
-                    prob = core.astype(np.float16)
-                write_block(prob_arr, tile.y0, tile.x0, prob)
-                write_block(mask_arr, tile.y0, tile.x0, mask)
-                _write_record(spec.records, tile, "run", _digest(mask, prob))
-                results.append(asdict(ShardResult(
-                    tile.key, "run", (time.perf_counter() - t0) / len(group),
-                    tile.core_shape[0] * tile.core_shape[1])))
-    return results
+                yield idx, tile, p[:, ys, xs], seconds
+
+
+def _blended_cores(spec: TaskSpec, todo, pred, read):
+    """Blend mode: each core is the weighted mean of every window that covers it (its own and
+    its neighbours'), weights 1 on a window's core falling off across its halo. Still one
+    writer per shard: a task computes the neighbours' windows itself (up to 9 windows per
+    tile; windows shared by tiles of the same task are computed once)."""
+    from segcore.stitching import blend_weights
+
+    cache: dict[str, np.ndarray] = {}
+    neighbours = dict(zip(spec.tiles, spec.neighbours, strict=True))
+    for idx, tile in todo:
+        t0 = time.perf_counter()
+        windows = [tile, *neighbours[tile]]
+        missing = [w for w in windows if w.key not in cache]
+        for w in missing:
+            cache[w.key] = pred(read(w)[None])[0]
+        acc = None
+        wsum = np.zeros(tile.core_shape, np.float32)
+        for w in windows:
+            # overlap of window w with this tile's core, in image coordinates
+            y0, y1 = max(tile.y0, w.wy0), min(tile.y1, w.wy1)
+            x0, x1 = max(tile.x0, w.wx0), min(tile.x1, w.wx1)
+            if y0 >= y1 or x0 >= x1:
+                continue
+            wt = blend_weights(w.window_shape, spec.halo)[y0 - w.wy0:y1 - w.wy0,
+                                                          x0 - w.wx0:x1 - w.wx0]
+            part = cache[w.key][:, y0 - w.wy0:y1 - w.wy0, x0 - w.wx0:x1 - w.wx0] * wt
+            if acc is None:
+                acc = np.zeros((part.shape[0], *tile.core_shape), np.float32)
+            acc[:, y0 - tile.y0:y1 - tile.y0, x0 - tile.x0:x1 - tile.x0] += part
+            wsum[y0 - tile.y0:y1 - tile.y0, x0 - tile.x0:x1 - tile.x0] += wt
+        yield idx, tile, acc / wsum, time.perf_counter() - t0

@@ -21,6 +21,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
+    p.add_argument("--blend", action="store_true",
+                   help="blend overlapping windows (smooths seams when the halo is smaller than "
+                        "the receptive field; up to 9x compute)")
     p.add_argument("--foreground", default="auto", choices=["auto", "tissue", "nonzero", "all"])
     p.add_argument("--no-skip-background", action="store_true",
                    help="run the model on every tile, foreground or not")
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                     level=args.level, mpp=args.mpp, tile=args.tile, halo=halo,
                     batch=args.batch, device=args.device, amp=args.amp,
                     foreground=args.foreground, skip_background=not args.no_skip_background,
-                    prob_dtype=args.prob_dtype, shards_per_task=args.shards_per_task)
+                    blend=args.blend, prob_dtype=args.prob_dtype, shards_per_task=args.shards_per_task)
     with client_from_args(args) as (client, resources):
         report = segment(cfg, client=client, resources=resources, progress=not args.quiet)
     for w in report.warnings:
