@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m segcore.demo $(DEMO_ARGS)
+	$(PY) -m flows.demo $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check segcore flows tests
