@@ -13,8 +13,29 @@ PALETTE = np.array([[0, 0, 0], [255, 64, 64], [64, 160, 255], [64, 255, 64], [25
                     [200, 0, 255]], np.uint8)
 
 
+BAND_PIXELS = 4 * 1024 * 1024  # pixels per band read for the thumbnail (bounds its memory)
+
+
+def _sampled(scene, shape: tuple[int, int]) -> np.ndarray:
+    """The whole of ``scene`` sampled at ``shape`` (nearest pixel centres), read in bands of at
+    most ``BAND_PIXELS`` so memory stays bounded by the band and the output, not the level."""
+    h, w = scene.info.height, scene.info.width
+    rows = np.minimum(((np.arange(shape[0]) + 0.5) * h / shape[0]).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(shape[1]) + 0.5) * w / shape[1]).astype(np.int64), w - 1)
+    out = np.empty((*shape, min(scene.info.channels, 3)), scene.info.dtype)
+    band = max(1, BAND_PIXELS // w)
+    for y0 in range(0, h, band):
+        y1 = min(y0 + band, h)
+        sel = np.flatnonzero((rows >= y0) & (rows < y1))
+        if sel.size:
+            block = scene.read(y0, y1, 0, w)
+            out[sel] = block[rows[sel] - y0][:, cols, : out.shape[-1]]
+    return out
+
+
 def _thumbnail(scene_uri: str, shape: tuple[int, int], info_level: int) -> np.ndarray | None:
-    """A grey/RGB thumbnail of the scene at ``shape`` from its coarsest level, if small."""
+    """A grey/RGB thumbnail of the scene at ``shape`` from its coarsest level, if small.
+    Memory is bounded (banded reads, sampled at ``shape``), whatever the level's size."""
     from segcore.io.readers import open_scene
 
     try:
@@ -25,14 +46,13 @@ def _thumbnail(scene_uri: str, shape: tuple[int, int], info_level: int) -> np.nd
         if h * w > 4096 * 4096:
             return None
         with open_scene(scene_uri, level=lv) as s:
-            img = s.read(0, h, 0, w)
+            img = _sampled(s, shape)
     except Exception:  # noqa: BLE001 - the preview is a convenience; never fail a run for it
         return None
-    img = img[..., :3] if img.shape[-1] >= 3 else np.repeat(img[..., :1], 3, axis=-1)
+    img = img if img.shape[-1] >= 3 else np.repeat(img[..., :1], 3, axis=-1)
     img = img.astype(np.float32)
     lo, hi = np.percentile(img, 1), np.percentile(img, 99)
-    img = np.clip((img - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
-    return np.asarray(Image.fromarray(img).resize((shape[1], shape[0]), Image.BILINEAR))
+    return np.clip((img - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
 
 
 def write_preview(p, uri: str, max_side: int = 1024) -> None:

@@ -1,0 +1,219 @@
+"""Peak memory of ``segcore segment`` against scene size: the goal is flat memory (a 256 Mpx
+scene within 1.2x of a 16 Mpx one). A benchmark, not a test.
+
+    .venv/bin/python scripts/bench_memory.py                       # 16, 64, 256 Mpx, in-process
+    .venv/bin/python scripts/bench_memory.py --workers 0,1 --sizes 16,64
+
+Each scene is square RGB uint8 (``Mpx`` = 2**20 pixels, so 16 Mpx is 4096 x 4096) with a
+cheap coloured texture that is foreground everywhere (no tile is skipped), written as a tiled
+zlib TIFF region by region (never whole in memory). A tiny U-Net checkpoint is saved, then
+every (size, workers) pair runs ``python -m segcore segment`` as its own subprocess; the RSS
+of its whole process tree (Dask workers included) is sampled every ``--interval`` s. The
+table shows seconds, Mpx/s, peak RSS of the tree (sum over processes, sampled), the kernel's
+exact peak RSS of the largest single process ("main MB": ``ru_maxrss`` from wait4, which
+covers the main process and the descendants it reaped, e.g. Dask workers) and the ratio of
+the tree peak to the first (smallest) size.
+Written to ``--out``/memory.json too. Scene and result files live in a temp dir, deleted
+unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TIFF_TILE = 512
+
+
+def scene_side(mpx: float) -> int:
+    """Edge of a square scene of ``mpx`` * 2**20 pixels, a multiple of the TIFF tile."""
+    return max(TIFF_TILE, round(math.sqrt(mpx) * 1024 / TIFF_TILE) * TIFF_TILE)
+
+
+def texture(y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """Smooth coloured stripes and rings: saturated everywhere (never 'glass'), cheap, and
+    compressible. Deterministic in absolute coordinates, so tiles join up."""
+    yy = np.arange(y0, y0 + h, dtype=np.float32)[:, None]
+    xx = np.arange(x0, x0 + w, dtype=np.float32)[None, :]
+    out = np.empty((h, w, 3), np.uint8)
+    out[..., 0] = 128 + 100 * np.sin(xx / 37.0 + np.cos(yy / 91.0))
+    out[..., 1] = 128 + 100 * np.sin(yy / 53.0)
+    out[..., 2] = 90 + 60 * np.sin((xx + yy) / 29.0)
+    return out
+
+
+def write_scene(path: Path, side: int) -> None:
+    import tifffile
+
+    def tiles():
+        for y in range(0, side, TIFF_TILE):
+            for x in range(0, side, TIFF_TILE):
+                yield texture(y, x, TIFF_TILE, TIFF_TILE)
+
+    tifffile.imwrite(path, data=tiles(), shape=(side, side, 3), dtype=np.uint8,
+                     tile=(TIFF_TILE, TIFF_TILE), photometric="rgb", compression="zlib",
+                     compressionargs={"level": 1}, bigtiff=True)
+
+
+def write_model(path: Path, depth: int, width: int) -> None:
+    import torch
+
+    from segcore.config import InputContract, ModelSpec, Normalization
+    from segcore.models import build_model
+    from segcore.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(arch="unet", in_channels=3, out_channels=1,
+                                  kwargs={"depth": depth, "width": width})).eval()
+    contract = InputContract(channels=3, normalization=Normalization(
+        scale=255.0, mean=(0.5,) * 3, std=(0.25,) * 3))
+    save_checkpoint(model, str(path), contract)
+
+
+def tree_rss(proc) -> int:
+    """Sum of RSS over ``proc`` and all its descendants (bytes); vanished processes count 0."""
+    import psutil
+
+    total = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def run_one(cmd: list[str], log: Path, interval: float) -> dict:
+    """Run ``cmd``, sampling the process tree's RSS; returns seconds, peaks and exit code."""
+    import psutil
+
+    t0 = time.perf_counter()
+    with open(log, "wb") as fh:
+        popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = psutil.Process(popen.pid)
+        peak, samples = 0, 0
+        while True:
+            pid, status, usage = os.wait4(popen.pid, os.WNOHANG)
+            if pid == popen.pid:
+                break
+            peak = max(peak, tree_rss(proc))
+            samples += 1
+            time.sleep(interval)
+        popen.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "peak_tree_rss": peak, "samples": samples,
+            "main_maxrss": usage.ru_maxrss * 1024, "returncode": popen.returncode}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="16,64,256", help="scene sizes in Mpx (2**20 px)")
+    ap.add_argument("--workers", default="0",
+                    help="comma list of --workers values: 0 = in-process, N = LocalCluster")
+    ap.add_argument("--tile", type=int, default=1024, help="model window edge")
+    ap.add_argument("--depth", type=int, default=2, help="U-Net depth of the tiny model")
+    ap.add_argument("--width", type=int, default=4, help="U-Net base width of the tiny model")
+    ap.add_argument("--interval", type=float, default=0.2, help="RSS sampling period, s")
+    ap.add_argument("--out", default="bench-output", help="where memory.json and logs go")
+    ap.add_argument("--tmp", default=None, help="directory for scenes and results")
+    ap.add_argument("--keep", action="store_true", help="keep scenes and results")
+    ap.add_argument("--extra", default="", help="extra args for 'segcore segment' (quoted)")
+    args = ap.parse_args(argv)
+
+    sizes = [float(s) for s in args.sizes.split(",") if s.strip()]
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    out = Path(args.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="segcore-bench-mem-", dir=args.tmp))
+    rows: list[dict] = []
+    try:
+        model = tmp / "model.safetensors"
+        write_model(model, args.depth, args.width)
+        for mpx in sizes:
+            side = scene_side(mpx)
+            scene = tmp / f"scene-{side}.tif"
+            t0 = time.perf_counter()
+            write_scene(scene, side)
+            print(f"# wrote {scene.name}: {side} x {side} RGB, "
+                  f"{scene.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s",
+                  flush=True)
+            for nw in workers:
+                res = tmp / f"out-{side}-w{nw}"
+                log = out / "logs" / f"segment-{side}-w{nw}.log"
+                cmd = [sys.executable, "-m", "segcore", "segment", str(scene), str(res),
+                       "--model", str(model), "--tile", str(args.tile), "--workers", str(nw),
+                       *args.extra.split()]
+                r = run_one(cmd, log, args.interval)
+                if r["returncode"] != 0:
+                    print(f"segment failed ({r['returncode']}), see {log}:\n"
+                          + log.read_text()[-3000:], file=sys.stderr)
+                    return 1
+                report = json.loads((res / "report.json").read_text())
+                px = side * side
+                rows.append({
+                    "mpx": round(px / 1e6, 2), "side": side, "workers": nw,
+                    "tiles": report["tiles_total"], "tiles_run": report["tiles_run"],
+                    "tiles_skipped": report["tiles_skipped_background"],
+                    "seconds": round(r["seconds"], 1),
+                    "segment_seconds": report["seconds"],
+                    "mpx_per_s": round(px / 1e6 / r["seconds"], 2),
+                    "peak_rss_mb": round(r["peak_tree_rss"] / 1e6, 1),
+                    "main_maxrss_mb": round(r["main_maxrss"] / 1e6, 1),
+                    "samples": r["samples"], "command": " ".join(cmd),
+                })
+                print(json.dumps(rows[-1]), flush=True)
+                if not args.keep:
+                    shutil.rmtree(res, ignore_errors=True)
+            if not args.keep:
+                scene.unlink()
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"# kept {tmp}")
+
+    for nw in workers:
+        mine = [r for r in rows if r["workers"] == nw]
+        if not mine:
+            continue
+        base = mine[0]
+        for r in mine:
+            r["ratio"] = round(r["peak_rss_mb"] / base["peak_rss_mb"], 3)
+            r["ratio_main"] = round(r["main_maxrss_mb"] / base["main_maxrss_mb"], 3)
+    head = (f"{'Mpx':>7} {'workers':>7} {'tiles':>6} {'seconds':>8} {'Mpx/s':>6} "
+            f"{'peak RSS MB':>11} {'main MB':>8} {'ratio':>6}")
+    print(head)
+    for r in rows:
+        print(f"{r['mpx']:>7} {r['workers']:>7} {r['tiles']:>6} {r['seconds']:>8} "
+              f"{r['mpx_per_s']:>6} {r['peak_rss_mb']:>11} {r['main_maxrss_mb']:>8} "
+              f"{r['ratio']:>6}")
+    result = {"rows": rows, "tile": args.tile, "model": {"arch": "unet", "depth": args.depth,
+              "width": args.width}, "python": platform.python_version(),
+              "cpus": os.cpu_count(), "argv": sys.argv}
+    (out / "memory.json").write_text(json.dumps(result, indent=2))
+    print(f"# wrote {out / 'memory.json'}")
+    flat = all(r["ratio"] <= 1.2 for r in rows)
+    print(f"# memory {'flat' if flat else 'NOT flat'} (goal: every ratio <= 1.2)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
