@@ -1,0 +1,104 @@
+"""``segcore train``: train a model on image/mask pairs (one process, or DDP over Dask workers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pydantic import ValidationError
+
+from segcore.errors import ConfigError
+
+
+def _class_map(s: str):
+    if s in ("binary", "instances"):
+        return s
+    try:
+        return {int(k): int(v) for k, v in (p.split(":") for p in s.split(","))}
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"class map {s!r}: use 'binary', 'instances' or 'VALUE:CLASS,...' e.g. '0:1,255:0'"
+        ) from e
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="folder with images/ + masks/ (local or s3://)")
+    p.add_argument("--stems", help="training stems, e.g. 0-24 or 0001-0250")
+    p.add_argument("--val", help="validation folder (default: none)")
+    p.add_argument("--val-stems")
+    p.add_argument("--arch", default="unet", help="unet | u2net | u2netp | u2net-rec | u2netp-rec")
+    p.add_argument("--model-kwargs", default="{}", help='JSON, e.g. \'{"depth": 4, "width": 16}\'')
+    p.add_argument("--patch", type=int, default=256)
+    p.add_argument("--resize", type=int, help="resize every image to N x N first (SOD recipe)")
+    p.add_argument("--batch", type=int, default=4)
+    stop = p.add_mutually_exclusive_group(required=True)
+    stop.add_argument("--steps", type=int)
+    stop.add_argument("--minutes", type=float)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-map", type=_class_map, default="binary",
+                   help="binary | instances | VALUE:CLASS,... (ISBI: 0:1,255:0)")
+    p.add_argument("--class-names", default="background,foreground")
+    p.add_argument("--fg-fraction", type=float, default=0.0)
+    p.add_argument("--augment", default="{}", help='JSON AugmentConfig, e.g. \'{"rot90": false}\'')
+    p.add_argument("--border-weight", action="store_true", help="U-Net border weight map")
+    p.add_argument("--no-deep-supervision", action="store_true")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
+                   help="bf16 autocast (fast on AMX CPUs and GPUs; slow on CPUs without it)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--resume", help="checkpoint URI to continue from")
+    p.add_argument("--workers", type=int, default=0,
+                   help="N > 0: DDP over N Dask workers (--scheduler, or a LocalCluster)")
+    p.add_argument("--scheduler", help="Dask scheduler address for --workers")
+    p.add_argument("--out", required=True, help="checkpoint URI, e.g. runs/isbi/unet.safetensors")
+    p.add_argument("--quiet", action="store_true")
+
+
+def build_config(args: argparse.Namespace):
+    from segcore.training.config import AugmentConfig, TrainConfig
+
+    try:
+        return TrainConfig(
+            data=args.data, data_stems=args.stems, val=args.val, val_stems=args.val_stems,
+            arch=args.arch, model_kwargs=json.loads(args.model_kwargs), patch=args.patch,
+            resize=args.resize, batch=args.batch, steps=args.steps, minutes=args.minutes,
+            lr=args.lr, warmup=args.warmup, seed=args.seed, class_map=args.class_map,
+            class_names=tuple(args.class_names.split(",")), fg_fraction=args.fg_fraction,
+            augment=AugmentConfig(**json.loads(args.augment)), border_weight=args.border_weight,
+            deep_supervision=False if args.no_deep_supervision else None, bf16=args.bf16,
+            threads=args.threads, device=args.device, checkpoint_every=args.checkpoint_every,
+            val_every=args.val_every, resume=args.resume, out=args.out)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--model-kwargs/--augment must be JSON objects: {e}") from e
+    except ValidationError as e:
+        raise ConfigError(f"invalid training options: {e}") from e
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = build_config(args)
+    if args.workers:
+        from distributed import Client, LocalCluster
+
+        from segcore.training.distributed import train_distributed
+
+        if args.scheduler:
+            with Client(args.scheduler) as client:
+                res = train_distributed(cfg, client, args.workers)
+        else:
+            with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                              dashboard_address=None) as cluster, Client(cluster) as client:
+                res = train_distributed(cfg, client, args.workers)
+    else:
+        from segcore.training.loop import train
+
+        res = train(cfg, progress=not args.quiet)
+    summary = {"checkpoint": res.checkpoint, "best": res.best, "steps": res.steps,
+               "minutes": round(res.seconds / 60, 2),
+               "final_loss_mean20": sum(res.losses[-20:]) / max(len(res.losses[-20:]), 1),
+               "best_val_dice": res.best_val, "curve": res.curve}
+    print(json.dumps(summary, indent=2))
+    return 0

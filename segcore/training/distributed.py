@@ -1,0 +1,73 @@
+"""Distributed data-parallel training over Dask workers: one DDP rank per worker.
+
+The rendezvous address is the scheduler's host and a port found free there; gloo on CPU, nccl
+when the worker sees a GPU. A worker's GPU is pinned by its environment (``CUDA_VISIBLE_DEVICES``
+set by LocalCUDACluster or a Nanny ``env``), so inside the rank the device is ``cuda:0``.
+Every rank draws the same global batch from the same seed and trains on its slice, so N ranks
+with batch B/N follow one process with batch B (up to BatchNorm statistics, which are per rank).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from urllib.parse import urlparse
+
+from segcore.errors import ConfigError
+from segcore.training.config import TrainConfig
+from segcore.training.loop import TrainResult
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def _rank_main(cfg: TrainConfig, rank: int, world: int, host: str, port: int,
+               timeout_s: float) -> TrainResult:
+    import torch
+    import torch.distributed as dist
+
+    gpu = torch.cuda.is_available()
+    backend = "nccl" if gpu else "gloo"
+    device = torch.device("cuda:0") if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(0)
+    if not gpu and cfg.threads is None:
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    if host in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s))
+    try:
+        from segcore.training.loop import run
+
+        return run(cfg, progress=False, rank=rank, world=world, device=device)
+    finally:
+        dist.destroy_process_group()
+
+
+def train_distributed(cfg: TrainConfig, client, n_workers: int,
+                      timeout_s: float = 600.0) -> TrainResult:
+    """Train with DDP on ``n_workers`` of the client's workers; returns rank 0's result
+    (rank 0 writes the checkpoints). Each worker runs one long task, so give workers one
+    thread slot (``threads_per_worker=1``) or they may be asked to run two ranks."""
+    workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+    if n_workers < 1:
+        raise ConfigError(f"n_workers {n_workers} must be >= 1")
+    if len(workers) < n_workers:
+        raise ConfigError(f"asked for {n_workers} DDP ranks but the cluster has {len(workers)} "
+                          "workers; start more workers or lower --workers")
+    if cfg.batch % n_workers:
+        raise ConfigError(f"batch {cfg.batch} must be divisible by --workers {n_workers}")
+    sched = urlparse(client.scheduler.address)
+    host = sched.hostname or "127.0.0.1"
+    port = client.run_on_scheduler(_free_port)
+    futures = [client.submit(_rank_main, cfg, r, n_workers, host, port, timeout_s,
+                             workers=[w], allow_other_workers=False, pure=False,
+                             key=f"segcore-ddp-rank{r}-{port}")
+               for r, w in enumerate(workers[:n_workers])]
+    results = client.gather(futures)
+    return results[0]

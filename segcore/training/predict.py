@@ -1,0 +1,70 @@
+"""Whole-image prediction for validation and evaluation: normalise, optionally resize to the
+training size, pad to the model's input multiple (reflect), predict, crop, resize back."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segcore.config import Normalization
+
+
+def amp_dtype(device: torch.device, bf16: bool) -> torch.dtype | None:
+    """Autocast dtype: on CUDA always (bf16 where supported, else fp16); on CPU bf16 if asked."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if bf16 else None
+
+
+def autocast(device: torch.device, bf16: bool):
+    dtype = amp_dtype(device, bf16)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def normalise(x: torch.Tensor, norm: Normalization, scaled: bool = True) -> torch.Tensor:
+    """x in [0,1] (scaled=True) or raw -> (x - mean) / std per channel."""
+    if not scaled:
+        x = x / norm.scale
+    c = x.shape[1]
+    mean = torch.tensor(norm.mean, dtype=x.dtype, device=x.device)
+    std = torch.tensor(norm.std, dtype=x.dtype, device=x.device)
+    if mean.numel() == 1:
+        mean, std = mean.expand(c), std.expand(c)
+    return (x - mean.view(1, c, 1, 1)) / std.view(1, c, 1, 1)
+
+
+@torch.no_grad()
+def predict_image(model: nn.Module, image: np.ndarray, norm: Normalization,
+                  device: torch.device | str = "cpu", resize: int | None = None,
+                  bf16: bool = False, channels_last: bool = False) -> np.ndarray:
+    """Foreground probability (H, W) float32 for an (H, W, C) or (H, W) uint8 image."""
+    device = torch.device(device)
+    if image.ndim == 2:
+        image = image[..., None]
+    h, w = image.shape[:2]
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().to(device)
+    x = x / norm.scale
+    if resize:
+        x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True,
+                          align_corners=False)
+    x = normalise(x, norm)
+    m = int(getattr(model, "input_multiple", 1))
+    hh, ww = x.shape[2:]
+    ph, pw = (-hh) % m, (-ww) % m
+    if ph or pw:
+        mode = "reflect" if ph < hh and pw < ww else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, bf16):
+        logits = model(x)
+    p = torch.sigmoid(logits.float()[:, :1, :hh, :ww])
+    if resize and (hh, ww) != (h, w):
+        p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+    return p[0, 0].cpu().numpy().astype(np.float32)
