@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from segcore.errors import InputError
+from segcore.errors import InputError, StorageError
 
 NATIVE = ("uint8", "uint16", "float32")
 # Converted on read: exactly (bool, int8, int16, float16) or with rounding (32/64-bit).
@@ -87,3 +87,40 @@ def parse_nodata(value: Any) -> float | None:
         return float(text)
     except ValueError:
         return None
+
+
+def read_region(arr: Any, axes: str, y: str, x: str, c: str | None, channels: slice,
+                y0: int, y1: int, x0: int, x1: int, uri: str, level: int) -> np.ndarray:
+    """Read a (y, x) region of ``arr`` whose axes are named by the letters of ``axes`` (``y``,
+    ``x`` and the channel letter ``c`` among them; any other axis is taken at index 0) and
+    return it as (h, w, channels). Storage failures become StorageError, decoder failures
+    InputError naming the file and the region."""
+    idx: list[Any] = []
+    kept = ""
+    for a in axes:
+        if a == y:
+            idx.append(slice(y0, y1))
+        elif a == x:
+            idx.append(slice(x0, x1))
+        elif c is not None and a == c:
+            idx.append(channels)
+        else:
+            idx.append(0)
+            continue
+        kept += a
+    where = f"y {y0}:{y1}, x {x0}:{x1} (level {level})"
+    try:
+        out = np.asarray(arr[tuple(idx)])
+    except FileNotFoundError as e:
+        raise InputError(f"{uri}: file vanished while reading {where}: {e}") from e
+    except OSError as e:
+        raise StorageError(f"{uri}: I/O error reading {where}: {e}") from e
+    except Exception as e:  # decoder errors have many types (imagecodecs, zlib, tifffile, zarr)
+        raise InputError(
+            f"{uri}: cannot decode region {where}: {type(e).__name__}: {e}; the file is "
+            "corrupt or truncated"
+        ) from e
+    if c is None or c not in kept:
+        out, kept = out[..., None], kept + "\0"
+    chan = next(i for i, a in enumerate(kept) if a not in (y, x))
+    return out.transpose([kept.index(y), kept.index(x), chan])

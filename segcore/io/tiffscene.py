@@ -24,6 +24,7 @@ from segcore.io.pixels import (
     SourceMeta,
     output_dtype,
     parse_nodata,
+    read_region,
     to_output,
 )
 from segcore.io.uri import get_fs, is_local
@@ -167,42 +168,9 @@ class TiffSource(Source):
             )
 
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        arr = self._arrays[level]
-        idx: list[Any] = []
-        kept = ""
-        for a in self._axes:
-            if a == "Y":
-                idx.append(slice(y0, y1))
-            elif a == "X":
-                idx.append(slice(x0, x1))
-            elif a == self._chan_axis:
-                idx.append(slice(0, self._nch))
-            else:
-                idx.append(0)
-                continue
-            kept += a
-        try:
-            out = np.asarray(arr[tuple(idx)])
-        except FileNotFoundError as e:
-            raise InputError(f"{self.uri}: file vanished while reading: {e}") from e
-        except OSError as e:
-            raise StorageError(
-                f"{self.uri}: I/O error reading y {y0}:{y1}, x {x0}:{x1} (level {level}): {e}"
-            ) from e
-        except Exception as e:  # decoder errors have many types (imagecodecs, zlib, tifffile)
-            raise InputError(
-                f"{self.uri}: cannot decode region y {y0}:{y1}, x {x0}:{x1} (level {level}): "
-                f"{type(e).__name__}: {e}; the file is corrupt or truncated"
-            ) from e
-        if self._chan_axis is None:
-            out = out[..., None]
-            kept += "C"
-        order = [
-            kept.index("Y"),
-            kept.index("X"),
-            next(i for i, a in enumerate(kept) if a not in "YX"),
-        ]
-        return to_output(np.ascontiguousarray(out.transpose(order)), self._dtype)
+        out = read_region(self._arrays[level], self._axes, "Y", "X", self._chan_axis,
+                          slice(0, self._nch), y0, y1, x0, x1, self.uri, level)
+        return to_output(np.ascontiguousarray(out), self._dtype)
 
     def close(self) -> None:
         for store in self._stores:

@@ -17,7 +17,14 @@ import zarr
 import zarr.storage
 
 from segcore.errors import InputError, StorageError
-from segcore.io.pixels import Source, SourceMeta, output_dtype, parse_nodata, to_output
+from segcore.io.pixels import (
+    Source,
+    SourceMeta,
+    output_dtype,
+    parse_nodata,
+    read_region,
+    to_output,
+)
 from segcore.io.uri import get_fs, is_local, storage_options
 
 CHANNEL_NAMES = ("c", "channel", "channels", "band", "bands", "s", "sample")
@@ -147,34 +154,8 @@ class ZarrSource(Source):
         return arrays, names, scale, unit
 
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        arr = self._arrays[level]
-        idx: list[Any] = []
-        kept = ""
-        for a in self._axes:
-            if a == "y":
-                idx.append(slice(y0, y1))
-            elif a == "x":
-                idx.append(slice(x0, x1))
-            elif a == "c":
-                idx.append(slice(None))
-            else:
-                idx.append(0)
-                continue
-            kept += a
-        try:
-            out = np.asarray(arr[tuple(idx)])
-        except OSError as e:
-            raise StorageError(
-                f"{self.uri}: I/O error reading y {y0}:{y1}, x {x0}:{x1} (level {level}): {e}"
-            ) from e
-        except Exception as e:  # codec errors have many types
-            raise InputError(
-                f"{self.uri}: cannot decode region y {y0}:{y1}, x {x0}:{x1} (level {level}): "
-                f"{type(e).__name__}: {e}; a chunk is corrupt"
-            ) from e
-        if "c" not in kept:
-            out, kept = out[..., None], kept + "c"
-        out = out.transpose([kept.index("y"), kept.index("x"), kept.index("c")])
+        out = read_region(self._arrays[level], self._axes, "y", "x", "c", slice(None),
+                          y0, y1, x0, x1, self.uri, level)
         return to_output(np.ascontiguousarray(out), self._dtype)
 
 
