@@ -8,14 +8,7 @@ from segcore.config import ModelSpec
 from segcore.models import build_model
 from segcore.models.fields import measure_receptive_field
 from segcore.stitching import predict_tiled, predict_whole
-
-
-def _predict(model):
-    def predict(batch):
-        with torch.inference_mode():
-            return torch.sigmoid(model(torch.from_numpy(np.ascontiguousarray(batch)))).numpy()
-
-    return predict
+from tests.test_tiling import _torch_predict as _predict
 
 
 @pytest.mark.slow

@@ -23,10 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from segcore.errors import ConfigError, InputError, StorageError
+from segcore.errors import ConfigError, InputError
 from segcore.io import geo as geomod
 from segcore.io.pixels import Source, SourceMeta, level_ratio
-from segcore.io.uri import get_fs, is_local
+from segcore.io.uri import get_fs, is_local, reading
 
 FORMATS = ("tiff", "svs", "ome-tiff", "geotiff", "png", "jpeg", "zarr", "ome-zarr")
 MPP_TOLERANCE = 0.1
@@ -60,7 +60,7 @@ class SceneInfo:
 def detect_format(uri: str) -> str:
     """'tiff' | 'png' | 'jpeg' | 'zarr' from the content (TIFF flavours are told apart later)."""
     fs, path = get_fs(uri)
-    try:
+    with reading(uri, "is a directory but not a Zarr (no zarr.json, .zarray or .zgroup)"):
         if not is_local(uri):
             fs.invalidate_cache(path)  # another process may have just written it
         if fs.isdir(path):
@@ -72,14 +72,6 @@ def detect_format(uri: str) -> str:
             )
         with fs.open(path, "rb") as f:
             head = f.read(16)
-    except FileNotFoundError as e:
-        raise InputError(f"{uri}: no such file or Zarr; check the path") from e
-    except IsADirectoryError as e:
-        raise InputError(f"{uri}: is a directory but not a Zarr") from e
-    except PermissionError as e:
-        raise InputError(f"{uri}: permission denied") from e
-    except OSError as e:
-        raise StorageError(f"{uri}: cannot read: {e}") from e
     for magic, fmt in _MAGIC:
         if head.startswith(magic):
             return fmt

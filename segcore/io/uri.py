@@ -6,8 +6,10 @@ S3 settings come from the standard AWS environment/profile; ``SEGCORE_S3_ENDPOIN
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -54,19 +56,27 @@ def exists(uri: str) -> bool:
         raise StorageError(f"{uri}: cannot check existence: {e}") from e
 
 
-def read_bytes(uri: str) -> bytes:
-    fs, path = get_fs(uri)
+@contextlib.contextmanager
+def reading(uri: str, directory: str = "is a directory, expected a file") -> Iterator[None]:
+    """Turn OS errors while reading ``uri`` into segcore errors that name it: a missing,
+    misplaced or forbidden input is the caller's to fix (InputError); anything else is
+    storage trouble, possibly transient (StorageError)."""
     try:
-        with fs.open(path, "rb") as f:
-            return f.read()
+        yield
     except FileNotFoundError as e:
-        raise InputError(f"{uri}: no such file") from e
+        raise InputError(f"{uri}: no such file; check the path") from e
     except IsADirectoryError as e:
-        raise InputError(f"{uri}: is a directory, expected a file") from e
+        raise InputError(f"{uri}: {directory}") from e
     except PermissionError as e:
         raise InputError(f"{uri}: permission denied") from e
     except OSError as e:
         raise StorageError(f"{uri}: read failed: {e}") from e
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = get_fs(uri)
+    with reading(uri), fs.open(path, "rb") as f:
+        return f.read()
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
