@@ -148,3 +148,23 @@ def test_cli_train_then_evaluate(pairs, tmp_path, capsys):
     # image edge see different padding than in the whole-image path; interiors agree
     tiled = evaluate(str(out), str(pairs), stems="6-7", tiled=True, tile=64)
     assert tiled["tiled"] and tiled["mean"]["dice"] == pytest.approx(api["mean"]["dice"], abs=0.1)
+
+
+def test_cli_recipe_options_reach_the_config(tmp_path):
+    import argparse
+
+    from segcore.cli.train import add_parser, build_config
+
+    p = argparse.ArgumentParser()
+    add_parser(p)
+    base = ["--data", str(tmp_path), "--steps", "5", "--out", str(tmp_path / "m.safetensors")]
+    cfg = build_config(p.parse_args(base + ["--loss", "bce", "--weight-decay", "0",
+                                            "--no-channels-last"]))
+    assert (cfg.loss, cfg.weight_decay, cfg.use_channels_last("cuda")) == ("bce", 0.0, False)
+    cfg = build_config(p.parse_args(base + ["--arch", "u2netp"]))
+    assert cfg.loss == "bce+dice" and cfg.channels_last is None
+    # measured: channels_last slows U2-Net training on CPU (1.86 vs 2.26 s/step), helps U-Net
+    assert not cfg.use_channels_last("cpu") and cfg.use_channels_last("cuda")
+    assert build_config(p.parse_args(base)).use_channels_last("cpu")
+    with pytest.raises(SystemExit):
+        p.parse_args(base + ["--loss", "focal"])

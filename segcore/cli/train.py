@@ -36,6 +36,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     stop.add_argument("--minutes", type=float)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--loss", choices=("bce+dice", "bce", "dice"), default="bce+dice",
+                   help="bce suits pixel-error targets, bce+dice overlap targets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-map", type=_class_map, default="binary",
                    help="binary | instances | VALUE:CLASS,... (ISBI: 0:1,255:0)")
@@ -46,6 +49,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-deep-supervision", action="store_true")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False,
                    help="bf16 autocast (fast on AMX CPUs and GPUs; slow on CPUs without it)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on for CUDA and U-Net on CPU, "
+                   "off for U2-Net on CPU, where it measured slower)")
     p.add_argument("--threads", type=int)
     p.add_argument("--device")
     p.add_argument("--checkpoint-every", type=int, default=500)
@@ -66,7 +72,8 @@ def build_config(args: argparse.Namespace):
             data=args.data, data_stems=args.stems, val=args.val, val_stems=args.val_stems,
             arch=args.arch, model_kwargs=json.loads(args.model_kwargs), patch=args.patch,
             resize=args.resize, batch=args.batch, steps=args.steps, minutes=args.minutes,
-            lr=args.lr, warmup=args.warmup, seed=args.seed, class_map=args.class_map,
+            lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, loss=args.loss,
+            channels_last=args.channels_last, seed=args.seed, class_map=args.class_map,
             class_names=tuple(args.class_names.split(",")), fg_fraction=args.fg_fraction,
             augment=AugmentConfig(**json.loads(args.augment)), border_weight=args.border_weight,
             deep_supervision=False if args.no_deep_supervision else None, bf16=args.bf16,

@@ -109,7 +109,8 @@ def validate(model: nn.Module, val, contract: InputContract, cfg: TrainConfig,
     was = model.training
     model.eval()
     scores = [dice(s.mask, predict_image(model, s.image, contract.normalization, device,
-                                         cfg.resize, cfg.bf16, cfg.channels_last) >= 0.5)
+                                         cfg.resize, cfg.bf16,
+                                         cfg.use_channels_last(device.type)) >= 0.5)
               for s in val]
     model.train(was)
     return float(np.mean(scores))
@@ -159,7 +160,8 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
         vals = [(int(a), float(b)) for a, b in st["val"].tolist()]
         best = float(best) if best is not None else None
     model.to(device)
-    if cfg.channels_last:
+    channels_last = cfg.use_channels_last(device.type)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
     net: nn.Module = _AllOutputs(model, cfg.use_deep_supervision)
@@ -217,7 +219,7 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
             weight = weight[:, None].to(device)
         x = normalise(x.to(device), contract.normalization)
         y = y.to(device)
-        if cfg.channels_last:
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, cfg.bf16):
             outs = net(x)
