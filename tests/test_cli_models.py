@@ -13,10 +13,10 @@ def test_segcore_models_prints_the_table():
 
 
 def test_segcore_models_json():
-    from segcore.cli import main
-
     import contextlib
     import io
+
+    from segcore.cli import main
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
