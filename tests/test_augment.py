@@ -60,3 +60,23 @@ def test_intensity_and_stain_jitter_keep_range_and_mask():
     assert not torch.allclose(a, img)
     same = hed_jitter(img, 0.0, torch.Generator().manual_seed(0))
     assert torch.allclose(same, img, atol=1e-5)  # zero strength = identity round trip
+
+
+def _roughness(size: int, cfg: AugmentConfig) -> float:
+    """Mean |d displacement / dx| in px per px over many samples (the warp's local shear)."""
+    from segcore.training.augment import sampling_grid
+
+    g = sampling_grid(64, size, size, cfg, torch.Generator().manual_seed(0))
+    disp_px = g[..., 0] * size / 2  # x displacement + identity, in pixels
+    return float((disp_px[:, :, 1:] - disp_px[:, :, :-1] - 1).abs().mean())
+
+
+def test_elastic_spacing_makes_the_warp_independent_of_patch_size():
+    grid = OFF.model_copy(update={"elastic_sigma": 10})
+    spaced = grid.model_copy(update={"elastic_spacing": 128})
+    # a 3x3 grid squeezed into the patch shears a 64 px patch about 4x more than a 256 px one
+    assert _roughness(64, grid) > 3 * _roughness(256, grid)
+    # a fixed control-point spacing gives the same local shear whatever the patch size
+    small, large = _roughness(64, spaced), _roughness(256, spaced)
+    assert 0.6 < small / large < 1.6, (small, large)
+    assert small > 0.01  # and it still deforms

@@ -39,9 +39,18 @@ def sampling_grid(n: int, h: int, w: int, cfg: AugmentConfig, gen: torch.Generat
     base = torch.stack([gx, gy], -1).reshape(1, h * w, 2)  # (x, y) order for grid_sample
     grid = (base @ a.transpose(1, 2)).reshape(n, h, w, 2)
     if cfg.elastic_sigma > 0:
-        g = cfg.elastic_grid
-        disp = torch.randn(n, 2, g, g, generator=gen) * cfg.elastic_sigma
-        disp = F.interpolate(disp, size=(h, w), mode="bicubic", align_corners=True)
+        if cfg.elastic_spacing:  # a fixed physical spacing: crop the centre of a larger field
+            s = cfg.elastic_spacing
+            gy, gx = -(-(h - 1) // s) + 1, -(-(w - 1) // s) + 1
+            disp = torch.randn(n, 2, gy, gx, generator=gen) * cfg.elastic_sigma
+            fh, fw = (gy - 1) * s + 1, (gx - 1) * s + 1
+            disp = F.interpolate(disp, size=(fh, fw), mode="bicubic", align_corners=True)
+            y0, x0 = (fh - h) // 2, (fw - w) // 2
+            disp = disp[:, :, y0:y0 + h, x0:x0 + w]
+        else:
+            g = cfg.elastic_grid
+            disp = torch.randn(n, 2, g, g, generator=gen) * cfg.elastic_sigma
+            disp = F.interpolate(disp, size=(h, w), mode="bicubic", align_corners=True)
         # pixels -> normalised units
         disp = disp.permute(0, 2, 3, 1) * torch.tensor([2.0 / w, 2.0 / h])
         grid = grid + disp

@@ -18,7 +18,12 @@ class AugmentConfig(Frozen):
     flips: bool = True
     rot90: bool = True
     elastic_sigma: float = Field(10.0, ge=0, description="px std of the 3x3 grid displacements; 0 = off")
-    elastic_grid: int = Field(3, ge=2, le=16)
+    elastic_grid: int = Field(3, ge=2, le=16, description="control points per side over the patch "
+                              "(used when elastic_spacing is unset)")
+    elastic_spacing: int | None = Field(None, ge=8, description="px between control points, "
+                                        "independent of the patch size: the paper's 3x3 grid over "
+                                        "a 572 px tile is about 286; small patches then see a "
+                                        "window of that smooth field instead of a squeezed grid")
     scale_jitter: float = Field(0.0, ge=0, lt=1, description="zoom in [1-s, 1+s]; 0 = off")
     brightness: float = Field(0.1, ge=0)
     contrast: float = Field(0.1, ge=0)
