@@ -11,13 +11,13 @@ from segcore.errors import ConfigError
 
 
 def _class_map(s: str):
-    if s in ("binary", "instances"):
+    if s in ("binary", "instances", "instances-borders"):
         return s
     try:
         return {int(k): int(v) for k, v in (p.split(":") for p in s.split(","))}
     except ValueError as e:
         raise argparse.ArgumentTypeError(
-            f"class map {s!r}: use 'binary', 'instances' or 'VALUE:CLASS,...' e.g. '0:1,255:0'"
+            f"class map {s!r}: use 'binary', 'instances', 'instances-borders' or 'VALUE:CLASS,...' e.g. '0:1,255:0'"
         ) from e
 
 
@@ -41,7 +41,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="bce suits pixel-error targets, bce+dice overlap targets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-map", type=_class_map, default="binary",
-                   help="binary | instances | VALUE:CLASS,... (ISBI: 0:1,255:0)")
+                   help="binary | instances | instances-borders (touching ids split by background) | "
+                   "VALUE:CLASS,... (ISBI: 0:1,255:0)")
     p.add_argument("--class-names", default="background,foreground")
     p.add_argument("--fg-fraction", type=float, default=0.0)
     p.add_argument("--augment", default="{}", help='JSON AugmentConfig, e.g. \'{"rot90": false}\'')

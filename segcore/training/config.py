@@ -55,9 +55,10 @@ class TrainConfig(Frozen):
     warmup: int = Field(50, ge=0, description="warm-up steps (linear), then cosine to 0")
     grad_clip: float | None = Field(1.0, gt=0)
     seed: int = 0
-    class_map: dict[int, int] | Literal["binary", "instances"] = Field(
+    class_map: dict[int, int] | Literal["binary", "instances", "instances-borders"] = Field(
         "binary", description="mask value -> class; 'binary' = {0:0, 255:1} (also {0,1}); "
-        "'instances' = 0 -> 0, any id > 0 -> 1")
+        "'instances' = 0 -> 0, any id > 0 -> 1; 'instances-borders' = the same with a "
+        "background line wherever two instances touch (boundary-aware target)")
     class_names: tuple[str, ...] = ("background", "foreground")
     fg_fraction: float = Field(0.0, ge=0, le=1, description="share of patches centred on foreground")
     augment: AugmentConfig = AugmentConfig()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from segcore.errors import DataError
 from segcore.io.uri import get_fs, join, read_bytes
@@ -78,6 +79,8 @@ def map_mask(mask: np.ndarray, class_map, uri: str) -> np.ndarray:
                             "save masks as single-channel images")
     if class_map == "instances":
         return (mask > 0).astype(np.uint8)
+    if class_map == "instances-borders":
+        return separate_instances(mask)
     values = np.unique(mask)
     if class_map == "binary":
         if set(values.tolist()) <= {0, 1}:
@@ -94,6 +97,17 @@ def map_mask(mask: np.ndarray, class_map, uri: str) -> np.ndarray:
     for k, v in mapping.items():
         lut[k] = v
     return lut[mask]
+
+
+def separate_instances(labels: np.ndarray) -> np.ndarray:
+    """Instance-id mask -> foreground {0,1} with every pixel that touches a *different* instance
+    (8-neighbourhood) set to background: touching objects stay apart in the binary target, as
+    in the U-Net paper's cell data (and its border weight map then sees them as two objects)."""
+    lab = labels.astype(np.int64)
+    big = int(lab.max()) + 1  # not the dtype's max: scipy's minimum_filter overflows on it
+    hi = ndimage.maximum_filter(lab, size=3, mode="nearest")
+    lo = ndimage.minimum_filter(np.where(lab > 0, lab, big), size=3, mode="nearest")
+    return ((lab > 0) & (hi == lab) & (lo == lab)).astype(np.uint8)
 
 
 @dataclass
