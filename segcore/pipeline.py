@@ -160,7 +160,10 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
             )
         from segcore.models.registry import build_model
 
-        multiple = int(getattr(build_model(ckpt.spec), "input_multiple", 1))
+        import torch
+
+        with torch.device("meta"):  # shapes only: no weights allocated or initialised
+            multiple = int(getattr(build_model(ckpt.spec), "input_multiple", 1))
         rf = cached_receptive_field(ckpt.spec)
         halo, exact, warnings = choose_halo(cfg.tile, multiple, rf, cfg.halo)
         grid = plan_tiles(info.height, info.width, cfg.tile, halo, multiple)
