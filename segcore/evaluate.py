@@ -66,13 +66,15 @@ def _tiled_predict(model_uri: str, image: np.ndarray, tile: int, device: str) ->
 def evaluate(model_uri: str, data: str, tiled: bool = False, stems: str | None = None,
              class_map: Any = None, rand_regions: str | None = None, out: str | None = None,
              worst: int = 3, device: str = "cpu", tile: int = 512, bf16: bool = False,
-             threshold: float = 0.5) -> dict[str, Any]:
+             threshold: float = 0.5, tta: bool = False) -> dict[str, Any]:
     """Evaluate ``model_uri`` on a folder of image/mask pairs; returns (and, with ``out``,
     writes ``metrics.json`` and ``worst_*.png`` under ``out``) a dict with ``mean`` and
-    ``images``. ``class_map`` and the resize default to what the checkpoint was trained with;
+    ``images``. ``tta`` averages over the 8 flips/rotations (whole-image path only). ``class_map`` and the resize default to what the checkpoint was trained with;
     ``rand_regions`` defaults to "background" when class 1 is named membrane/boundary
     (ISBI: the cells are the non-membrane regions), else "foreground"."""
     t0 = time.perf_counter()
+    if tta and tiled:
+        raise ConfigError("tta is for whole-image evaluation; drop --tta or --tiled")
     model, ckpt = load_checkpoint(model_uri, device)
     extra = ckpt.extra
     cmap = class_map if class_map is not None else extra.get("class_map", "binary")
@@ -96,7 +98,7 @@ def evaluate(model_uri: str, data: str, tiled: bool = False, stems: str | None =
             prob = _tiled_predict(model_uri, s.image[..., 0] if s.image.shape[2] == 1 else s.image,
                                   tile, device)
         else:
-            prob = predict_image(model, s.image, norm, dev, resize, bf16)
+            prob = predict_image(model, s.image, norm, dev, resize, bf16, tta=tta)
         m = image_metrics(s.mask, prob, rand_regions, threshold)
         rows.append({"stem": s.stem, "image": s.image_uri, **m})
         truths.append(s.mask)
@@ -105,7 +107,7 @@ def evaluate(model_uri: str, data: str, tiled: bool = False, stems: str | None =
     keys = ("dice", "iou", "pixel_error", "rand_error", "mae")
     result: dict[str, Any] = {
         "model": model_uri, "data": data, "stems": stems, "n_images": len(rows),
-        "tiled": tiled, "resize": resize, "rand_regions": rand_regions,
+        "tiled": tiled, "tta": tta, "resize": resize, "rand_regions": rand_regions,
         "rand_error_impl": "skimage.metrics.adapted_rand_error on 4-connected components",
         "mean": {**{k: float(np.mean([r[k] for r in rows])) for k in keys},
                  "max_f": mf, "max_f_threshold": thr},

@@ -158,9 +158,9 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
                 f"{cfg.src}: has {info.channels} channel(s) but the model {cfg.model} expects "
                 f"{ckpt.spec.in_channels}; pick a matching scene or model"
             )
-        from segcore.models.registry import build_model
-
         import torch
+
+        from segcore.models.registry import build_model
 
         with torch.device("meta"):  # shapes only: no weights allocated or initialised
             multiple = int(getattr(build_model(ckpt.spec), "input_multiple", 1))

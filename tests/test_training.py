@@ -98,9 +98,10 @@ def test_short_run_decreases_loss_and_writes_everything(pairs, tmp_path):
     assert hist["steps"] == 40
 
 
-def test_resume_is_bit_identical(pairs, tmp_path):
-    full = train(cfg_for(pairs, tmp_path / "full.safetensors", steps=8), progress=False)
-    half_cfg = cfg_for(pairs, tmp_path / "half.safetensors", steps=8, stop_after=4)
+@pytest.mark.parametrize("ema", [None, 0.9], ids=["plain", "ema"])
+def test_resume_is_bit_identical(pairs, tmp_path, ema):
+    full = train(cfg_for(pairs, tmp_path / "full.safetensors", steps=8, ema=ema), progress=False)
+    half_cfg = cfg_for(pairs, tmp_path / "half.safetensors", steps=8, stop_after=4, ema=ema)
     half = train(half_cfg, progress=False)
     assert half.steps == 4
     rest = train(half_cfg.model_copy(update={"stop_after": None,
@@ -113,6 +114,9 @@ def test_resume_is_bit_identical(pairs, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert rest.losses == full.losses  # the history continues too
+    if ema:  # the checkpoint holds the average, which is not the raw weights of the last step
+        raw = torch.load(tmp_path / "full.safetensors.state.pt", weights_only=True)["raw_model"]
+        assert any(not torch.equal(raw[k], a[k]) for k in a if a[k].is_floating_point())
 
 
 def test_u2netp_deep_supervision_runs(pairs, tmp_path):
@@ -168,3 +172,18 @@ def test_cli_recipe_options_reach_the_config(tmp_path):
     assert build_config(p.parse_args(base)).use_channels_last("cpu")
     with pytest.raises(SystemExit):
         p.parse_args(base + ["--loss", "focal"])
+
+
+def test_ema_update_averages_floats_and_copies_counters():
+    from segcore.training.loop import _ema_update
+
+    ema, model = torch.nn.BatchNorm2d(2), torch.nn.BatchNorm2d(2)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.running_mean.fill_(-2.0)
+    model.num_batches_tracked.fill_(7)
+    _ema_update(ema, model, 0.75)  # ema starts at weight 1, running_mean 0
+    assert torch.allclose(ema.weight, torch.full((2,), 0.75 * 1 + 0.25 * 3))
+    assert torch.allclose(ema.running_mean, torch.full((2,), 0.25 * -2.0))
+    assert int(ema.num_batches_tracked) == 7
+    assert torch.equal(model.weight, torch.full((2,), 3.0))  # the source is untouched

@@ -16,6 +16,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rand-regions", choices=("foreground", "background"))
     p.add_argument("--tiled", action="store_true", help="predict through the tiled pipeline")
     p.add_argument("--tile", type=int, default=512)
+    p.add_argument("--tta", action="store_true",
+                   help="average over the 8 flips/rotations (whole-image path)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--threads", type=int)
@@ -33,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     res = evaluate(args.model, args.data, tiled=args.tiled, stems=args.stems,
                    class_map=args.class_map, rand_regions=args.rand_regions, out=args.out,
-                   worst=args.worst, device=args.device, tile=args.tile, bf16=args.bf16)
+                   worst=args.worst, device=args.device, tile=args.tile, bf16=args.bf16,
+                   tta=args.tta)
     if not args.per_image:
         res = {k: v for k, v in res.items() if k != "images"}
     print(json.dumps(res, indent=2))

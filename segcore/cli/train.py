@@ -37,6 +37,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--ema", type=float, help="weight EMA decay, e.g. 0.995; checkpoints hold "
+                   "the averaged weights")
     p.add_argument("--loss", choices=("bce+dice", "bce", "dice"), default="bce+dice",
                    help="bce suits pixel-error targets, bce+dice overlap targets")
     p.add_argument("--seed", type=int, default=0)
@@ -74,6 +76,7 @@ def build_config(args: argparse.Namespace):
             arch=args.arch, model_kwargs=json.loads(args.model_kwargs), patch=args.patch,
             resize=args.resize, batch=args.batch, steps=args.steps, minutes=args.minutes,
             lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, loss=args.loss,
+            ema=args.ema,
             channels_last=args.channels_last, seed=args.seed, class_map=args.class_map,
             class_names=tuple(args.class_names.split(",")), fg_fraction=args.fg_fraction,
             augment=AugmentConfig(**json.loads(args.augment)), border_weight=args.border_weight,

@@ -54,6 +54,10 @@ class TrainConfig(Frozen):
     weight_decay: float = Field(1e-4, ge=0)
     warmup: int = Field(50, ge=0, description="warm-up steps (linear), then cosine to 0")
     grad_clip: float | None = Field(1.0, gt=0)
+    ema: float | None = Field(None, gt=0, lt=1, description="keep an exponential moving average "
+                              "of the weights (and BN statistics) with this decay, ramped up as "
+                              "min(ema, (1+step)/(10+step)); checkpoints, validation and "
+                              "evaluation then use the averaged weights")
     seed: int = 0
     class_map: dict[int, int] | Literal["binary", "instances", "instances-borders"] = Field(
         "binary", description="mask value -> class; 'binary' = {0:0, 255:1} (also {0,1}); "

@@ -11,6 +11,7 @@ Files written next to ``cfg.out`` (a safetensors checkpoint):
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -116,6 +117,18 @@ def validate(model: nn.Module, val, contract: InputContract, cfg: TrainConfig,
     return float(np.mean(scores))
 
 
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for parameters and float buffers (BN running
+    statistics); integer buffers (BN's batch counter) are copied."""
+    src = model.state_dict()
+    for k, v in ema.state_dict().items():
+        if v.dtype.is_floating_point:
+            v.lerp_(src[k], 1.0 - decay)
+        else:
+            v.copy_(src[k])
+
+
 def _save_state(uri: str, state: dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(state, buf)
@@ -147,6 +160,7 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
         raise ConfigError(f"deep_supervision needs a U2-Net family model, not {cfg.arch!r}")
     gen = torch.Generator().manual_seed(cfg.seed)
     opt_state, step, elapsed, losses, vals, best = None, 0, 0.0, [], [], None
+    raw_state = None
     if cfg.resume:
         ckpt, tensors = read_checkpoint(read_bytes(cfg.resume), cfg.resume)
         if ckpt.spec != spec:
@@ -155,6 +169,11 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
         model.load_state_dict(tensors)
         st = _load_state(state_uri(cfg.resume))
         opt_state, step, elapsed = st["optimizer"], int(st["step"]), float(st["elapsed"])
+        if cfg.ema:
+            if "raw_model" not in st:
+                raise CheckpointError(f"{cfg.resume}: was trained without ema; resume without "
+                                      "--ema or start a new run")
+            raw_state = st["raw_model"]
         gen.set_state(st["rng"])
         losses, best = list(st["losses"].tolist()), st.get("best")
         vals = [(int(a), float(b)) for a, b in st["val"].tolist()]
@@ -164,6 +183,11 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    ema_model = None
+    if cfg.ema:  # the averaged copy is what checkpoints hold; the raw weights go to .state.pt
+        ema_model = copy.deepcopy(model).eval()
+        if raw_state is not None:
+            model.load_state_dict(raw_state)
     net: nn.Module = _AllOutputs(model, cfg.use_deep_supervision)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -181,9 +205,11 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
              "patch": cfg.patch, "data": cfg.data, "data_stems": cfg.data_stems}
 
     def checkpoint(uri: str, with_state: bool) -> None:
-        save_checkpoint(model, uri, contract, spec, {**extra, "step": step})
+        save_checkpoint(model if ema_model is None else ema_model, uri, contract, spec,
+                        {**extra, "step": step, "ema": cfg.ema})
         if with_state:
-            _save_state(state_uri(uri), {
+            raw = {"raw_model": model.state_dict()} if ema_model is not None else {}
+            _save_state(state_uri(uri), {**raw,
                 "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
                 "rng": gen.get_state(), "losses": torch.tensor(losses, dtype=torch.float64),
                 "val": torch.tensor(vals, dtype=torch.float64).reshape(-1, 2), "best": best})
@@ -239,6 +265,8 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
         else:
             opt.step()
         step += 1
+        if ema_model is not None:
+            _ema_update(ema_model, model, min(cfg.ema, (1 + step) / (10 + step)))
         lv = loss.detach().float()
         if world > 1:
             torch.distributed.all_reduce(lv)
@@ -249,7 +277,7 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
         elapsed = time.monotonic() - t0
         if rank == 0:
             if val and step % cfg.val_every == 0:
-                v = validate(model, val, contract, cfg, device)
+                v = validate(ema_model if ema_model is not None else model, val, contract, cfg, device)
                 vals.append((step, v))
                 if best is None or v > best:
                     best = v
@@ -269,7 +297,7 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
     curve = None
     if rank == 0:
         if val and (not vals or vals[-1][0] != step):
-            v = validate(model, val, contract, cfg, device)
+            v = validate(ema_model if ema_model is not None else model, val, contract, cfg, device)
             vals.append((step, v))
             if best is None or v > best:
                 best = v

@@ -39,21 +39,9 @@ def normalise(x: torch.Tensor, norm: Normalization, scaled: bool = True) -> torc
     return (x - mean.view(1, c, 1, 1)) / std.view(1, c, 1, 1)
 
 
-@torch.no_grad()
-def predict_image(model: nn.Module, image: np.ndarray, norm: Normalization,
-                  device: torch.device | str = "cpu", resize: int | None = None,
-                  bf16: bool = False, channels_last: bool = False) -> np.ndarray:
-    """Foreground probability (H, W) float32 for an (H, W, C) or (H, W) uint8 image."""
-    device = torch.device(device)
-    if image.ndim == 2:
-        image = image[..., None]
-    h, w = image.shape[:2]
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().to(device)
-    x = x / norm.scale
-    if resize:
-        x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True,
-                          align_corners=False)
-    x = normalise(x, norm)
+def _forward(model: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool,
+             channels_last: bool) -> torch.Tensor:
+    """Logits for x (N,C,H,W): pad to the model's input multiple (reflect), predict, crop."""
     m = int(getattr(model, "input_multiple", 1))
     hh, ww = x.shape[2:]
     ph, pw = (-hh) % m, (-ww) % m
@@ -64,7 +52,40 @@ def predict_image(model: nn.Module, image: np.ndarray, norm: Normalization,
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device, bf16):
         logits = model(x)
-    p = torch.sigmoid(logits.float()[:, :1, :hh, :ww])
+    return logits.float()[:, :1, :hh, :ww]
+
+
+@torch.no_grad()
+def predict_image(model: nn.Module, image: np.ndarray, norm: Normalization,
+                  device: torch.device | str = "cpu", resize: int | None = None,
+                  bf16: bool = False, channels_last: bool = False,
+                  tta: bool = False) -> np.ndarray:
+    """Foreground probability (H, W) float32 for an (H, W, C) or (H, W) uint8 image.
+
+    ``tta``: average the probabilities over the 8 flips/rotations of the image (each mapped
+    back), which the flip/rot90-augmented training makes the model nearly invariant to."""
+    device = torch.device(device)
+    if image.ndim == 2:
+        image = image[..., None]
+    h, w = image.shape[:2]
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().to(device)
+    x = x / norm.scale
+    if resize:
+        x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True,
+                          align_corners=False)
+    x = normalise(x, norm)
+    hh, ww = x.shape[2:]
+    if not tta:
+        p = torch.sigmoid(_forward(model, x, device, bf16, channels_last))
+    else:
+        p = torch.zeros(1, 1, hh, ww, device=device)
+        for k in range(4):
+            for flip in (False, True):
+                xt = torch.rot90(torch.flip(x, (3,)) if flip else x, k, (2, 3))
+                pt = torch.rot90(torch.sigmoid(_forward(model, xt, device, bf16, channels_last)),
+                                 -k, (2, 3))
+                p += torch.flip(pt, (3,)) if flip else pt
+        p /= 8
     if resize and (hh, ww) != (h, w):
         p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
     return p[0, 0].cpu().numpy().astype(np.float32)
