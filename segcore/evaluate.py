@@ -66,10 +66,11 @@ def _tiled_predict(model_uri: str, image: np.ndarray, tile: int, device: str) ->
 def evaluate(model_uri: str, data: str, tiled: bool = False, stems: str | None = None,
              class_map: Any = None, rand_regions: str | None = None, out: str | None = None,
              worst: int = 3, device: str = "cpu", tile: int = 512, bf16: bool = False,
-             threshold: float = 0.5, tta: bool = False) -> dict[str, Any]:
+             threshold: float = 0.5, tta: str | None = None) -> dict[str, Any]:
     """Evaluate ``model_uri`` on a folder of image/mask pairs; returns (and, with ``out``,
     writes ``metrics.json`` and ``worst_*.png`` under ``out``) a dict with ``mean`` and
-    ``images``. ``tta`` averages over the 8 flips/rotations (whole-image path only). ``class_map`` and the resize default to what the checkpoint was trained with;
+    ``images``. ``tta`` ("d8" or "hflip", see predict_image) is for the whole-image path.
+    ``class_map`` and the resize default to what the checkpoint was trained with;
     ``rand_regions`` defaults to "background" when class 1 is named membrane/boundary
     (ISBI: the cells are the non-membrane regions), else "foreground"."""
     t0 = time.perf_counter()

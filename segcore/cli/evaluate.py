@@ -16,8 +16,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rand-regions", choices=("foreground", "background"))
     p.add_argument("--tiled", action="store_true", help="predict through the tiled pipeline")
     p.add_argument("--tile", type=int, default=512)
-    p.add_argument("--tta", action="store_true",
-                   help="average over the 8 flips/rotations (whole-image path)")
+    p.add_argument("--tta", choices=("d8", "hflip"),
+                   help="test-time augmentation: d8 = 8 flips/rotations (EM, pathology), "
+                   "hflip = image + mirror (photos); whole-image path only")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--threads", type=int)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcore.config import Normalization
+from segcore.errors import ConfigError
 
 
 def amp_dtype(device: torch.device, bf16: bool) -> torch.dtype | None:
@@ -59,11 +60,14 @@ def _forward(model: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool
 def predict_image(model: nn.Module, image: np.ndarray, norm: Normalization,
                   device: torch.device | str = "cpu", resize: int | None = None,
                   bf16: bool = False, channels_last: bool = False,
-                  tta: bool = False) -> np.ndarray:
+                  tta: str | None = None) -> np.ndarray:
     """Foreground probability (H, W) float32 for an (H, W, C) or (H, W) uint8 image.
 
-    ``tta``: average the probabilities over the 8 flips/rotations of the image (each mapped
-    back), which the flip/rot90-augmented training makes the model nearly invariant to."""
+    ``tta``: average the probabilities over transformed copies of the image, each mapped back:
+    "d8" = the 8 flips/rotations (models trained with flips + rot90, e.g. EM or pathology),
+    "hflip" = the image and its mirror (natural photos, where rotations are not plausible)."""
+    if tta not in (None, "d8", "hflip"):
+        raise ConfigError(f"tta {tta!r} must be 'd8' or 'hflip'")
     device = torch.device(device)
     if image.ndim == 2:
         image = image[..., None]
@@ -79,13 +83,13 @@ def predict_image(model: nn.Module, image: np.ndarray, norm: Normalization,
         p = torch.sigmoid(_forward(model, x, device, bf16, channels_last))
     else:
         p = torch.zeros(1, 1, hh, ww, device=device)
-        for k in range(4):
+        for k in range(4 if tta == "d8" else 1):
             for flip in (False, True):
                 xt = torch.rot90(torch.flip(x, (3,)) if flip else x, k, (2, 3))
                 pt = torch.rot90(torch.sigmoid(_forward(model, xt, device, bf16, channels_last)),
                                  -k, (2, 3))
                 p += torch.flip(pt, (3,)) if flip else pt
-        p /= 8
+        p /= 8 if tta == "d8" else 2
     if resize and (hh, ww) != (h, w):
         p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
     return p[0, 0].cpu().numpy().astype(np.float32)
