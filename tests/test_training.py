@@ -148,6 +148,12 @@ def test_cli_train_then_evaluate(pairs, tmp_path, capsys):
     # the API gives the same figures
     api = evaluate(str(out), str(pairs), stems="6-7")
     assert api["mean"]["dice"] == pytest.approx(res["mean"]["dice"])
+    rc = main(["evaluate", "--model", str(out), "--data", str(pairs), "--stems", "6-7",
+               "--tta", "d8"])
+    assert rc == 0
+    tta = json.loads(capsys.readouterr().out)
+    assert tta["tta"] == "d8" and tta["mean"]["dice"] > 0.3
+    assert tta["mean"]["mae"] != pytest.approx(res["mean"]["mae"], abs=1e-9)  # it did average
     # through the tiled pipeline: it pads each tile with a halo of context, so pixels near the
     # image edge see different padding than in the whole-image path; interiors agree
     tiled = evaluate(str(out), str(pairs), stems="6-7", tiled=True, tile=64)
