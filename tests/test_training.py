@@ -114,6 +114,13 @@ def test_resume_is_bit_identical(pairs, tmp_path, ema):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert rest.losses == full.losses  # the history continues too
+    # resuming with the other ema setting would continue from the wrong weights: refused
+    from segcore.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="ema"):
+        train(half_cfg.model_copy(update={"stop_after": None, "ema": None if ema else 0.9,
+                                          "resume": str(tmp_path / "half.safetensors")}),
+              progress=False)
     if ema:  # the checkpoint holds the average, which is not the raw weights of the last step
         raw = torch.load(tmp_path / "full.safetensors.state.pt", weights_only=True)["raw_model"]
         assert any(not torch.equal(raw[k], a[k]) for k in a if a[k].is_floating_point())

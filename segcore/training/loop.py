@@ -169,11 +169,11 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
         model.load_state_dict(tensors)
         st = _load_state(state_uri(cfg.resume))
         opt_state, step, elapsed = st["optimizer"], int(st["step"]), float(st["elapsed"])
-        if cfg.ema:
-            if "raw_model" not in st:
-                raise CheckpointError(f"{cfg.resume}: was trained without ema; resume without "
-                                      "--ema or start a new run")
-            raw_state = st["raw_model"]
+        if bool(cfg.ema) != ("raw_model" in st):  # its weights are an average, or are not
+            was = "with" if "raw_model" in st else "without"
+            raise CheckpointError(f"{cfg.resume}: was trained {was} ema; resume {was} --ema "
+                                  "or start a new run")
+        raw_state = st.get("raw_model")
         gen.set_state(st["rng"])
         losses, best = list(st["losses"].tolist()), st.get("best")
         vals = [(int(a), float(b)) for a, b in st["val"].tolist()]
@@ -188,6 +188,7 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
         ema_model = copy.deepcopy(model).eval()
         if raw_state is not None:
             model.load_state_dict(raw_state)
+    final = model if ema_model is None else ema_model  # what checkpoints and validation use
     net: nn.Module = _AllOutputs(model, cfg.use_deep_supervision)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -205,7 +206,7 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
              "patch": cfg.patch, "data": cfg.data, "data_stems": cfg.data_stems}
 
     def checkpoint(uri: str, with_state: bool) -> None:
-        save_checkpoint(model if ema_model is None else ema_model, uri, contract, spec,
+        save_checkpoint(final, uri, contract, spec,
                         {**extra, "step": step, "ema": cfg.ema})
         if with_state:
             raw = {"raw_model": model.state_dict()} if ema_model is not None else {}
@@ -277,7 +278,7 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
         elapsed = time.monotonic() - t0
         if rank == 0:
             if val and step % cfg.val_every == 0:
-                v = validate(ema_model if ema_model is not None else model, val, contract, cfg, device)
+                v = validate(final, val, contract, cfg, device)
                 vals.append((step, v))
                 if best is None or v > best:
                     best = v
@@ -297,7 +298,7 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
     curve = None
     if rank == 0:
         if val and (not vals or vals[-1][0] != step):
-            v = validate(ema_model if ema_model is not None else model, val, contract, cfg, device)
+            v = validate(final, val, contract, cfg, device)
             vals.append((step, v))
             if best is None or v > best:
                 best = v
