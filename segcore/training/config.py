@@ -15,8 +15,11 @@ U2_ARCHS = ("u2net", "u2netp", "u2net-rec", "u2netp-rec")
 class AugmentConfig(Frozen):
     """Augmentation options (all applied on whole batches at once, on the training device)."""
 
-    flips: bool = True
-    rot90: bool = True
+    flips: bool = Field(True, description="random left-right mirror")
+    rot90: bool = Field(True, description="random 0/90/180/270 degree rotation (with flips: all 8 "
+                        "symmetries of the square). Turn it off when the labels are drawn with a "
+                        "sub-pixel offset from the image, e.g. ISBI 2012 (half a pixel up): "
+                        "rotated copies teach the model to centre its edges instead")
     elastic_sigma: float = Field(10.0, ge=0, description="px std of the 3x3 grid displacements; 0 = off")
     elastic_grid: int = Field(3, ge=2, le=16, description="control points per side over the patch "
                               "(used when elastic_spacing is unset)")
