@@ -40,3 +40,23 @@ def test_two_ranks_match_one_process(tmp_path):
     _, b = read_checkpoint(Path(ddp.checkpoint).read_bytes())
     for k in a:  # the weights agree too (same updates up to float reduction order)
         np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-3, atol=1e-4)
+
+
+def _trim_threshold() -> str | None:
+    import os
+
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+def test_training_workers_start_without_dask_malloc_trim():
+    """Dask's nanny puts MALLOC_TRIM_THRESHOLD_=65536 into every worker (and into this process's
+    environment); training workers must start without it (0.60 vs 0.89 s per DDP step)."""
+    from segcore.training.distributed import glibc_default_malloc
+
+    kw = dict(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    with LocalCluster(**kw) as control, Client(control) as client:  # the default, as a control
+        assert set(client.run(_trim_threshold).values()) == {"65536"}
+    with glibc_default_malloc():
+        cluster = LocalCluster(**kw)
+    with cluster, Client(cluster) as client:
+        assert set(client.run(_trim_threshold).values()) == {None}

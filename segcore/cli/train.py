@@ -94,14 +94,16 @@ def run(args: argparse.Namespace) -> int:
     if args.workers:
         from distributed import Client, LocalCluster
 
-        from segcore.training.distributed import train_distributed
+        from segcore.training.distributed import glibc_default_malloc, train_distributed
 
         if args.scheduler:
             with Client(args.scheduler) as client:
                 res = train_distributed(cfg, client, args.workers)
         else:
-            with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                              dashboard_address=None) as cluster, Client(cluster) as client:
+            with glibc_default_malloc():
+                cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1,
+                                       processes=True, dashboard_address=None)
+            with cluster, Client(cluster) as client:
                 res = train_distributed(cfg, client, args.workers)
     else:
         from segcore.training.loop import train
