@@ -30,6 +30,25 @@ def _unet(in_channels: int, out_channels: int, depth: int = 4, width: int = 64,
     return UNet(in_channels, out_channels, depth=depth, width=width, norm=norm, padding=padding)
 
 
+class Pointwise(nn.Module):
+    """A per-pixel linear classifier (one 1x1 convolution): receptive field 0, input multiple
+    1, and a forward pass that costs next to nothing. Used to measure the pipeline's own work
+    (read, decode, normalise, crop, write, digest, pyramid, preview) without the model."""
+
+    input_multiple = 1
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.head = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        return self.head(x)
+
+
+def _pointwise(in_channels: int, out_channels: int) -> nn.Module:
+    return Pointwise(in_channels, out_channels)
+
+
 def _u2(table, recurrent: bool):
     def build(in_channels: int, out_channels: int, norm: str = "batch", t: int = 2) -> nn.Module:
         _check_norm(norm)
@@ -45,6 +64,7 @@ REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "u2netp": _u2(U2NET_SMALL, recurrent=False),
     "u2net-rec": _u2(U2NET_FULL, recurrent=True),
     "u2netp-rec": _u2(U2NET_SMALL, recurrent=True),
+    "pointwise": _pointwise,
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -53,6 +73,7 @@ DESCRIPTIONS: dict[str, str] = {
     "u2netp": "U2-NetP small (Qin 2020)",
     "u2net-rec": "U2-Net with recurrent conv layers (R2U-Net style, t=2) inside each RSU",
     "u2netp-rec": "U2-NetP with recurrent conv layers (R2U-Net style, t=2) inside each RSU",
+    "pointwise": "a per-pixel linear classifier (1x1 conv): the zero-cost model for I/O benchmarks",
 }
 
 
