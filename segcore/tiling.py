@@ -135,7 +135,19 @@ def mirror_pad_region(read, height: int, width: int, wy0: int, wy1: int, wx0: in
                       wx1: int) -> np.ndarray:
     """Read window [wy0, wy1) x [wx0, wx1) of an image of ``height x width`` through
     ``read(y0, y1, x0, x1) -> (h, w, c)`` array, mirroring what lies outside. Only the bounding
-    box of the in-image pixels needed is read."""
+    box of the in-image pixels needed is read.
+
+    A window inside the image is the read itself (no copy); one that sticks out by at most the
+    image's own size is the read padded with ``np.pad(mode="symmetric")`` (the same index map
+    as :func:`mirror_index`); anything further out goes through the general index map."""
+    by0, by1, bx0, bx1 = max(wy0, 0), min(wy1, height), max(wx0, 0), min(wx1, width)
+    pads = ((by0 - wy0, wy1 - by1), (bx0 - wx0, wx1 - bx1))
+    if by0 < by1 and bx0 < bx1 and pads[0][0] <= by1 and pads[0][1] <= height - by0 \
+            and pads[1][0] <= bx1 and pads[1][1] <= width - bx0:
+        box = read(by0, by1, bx0, bx1)
+        if not any(pads[0] + pads[1]):
+            return box
+        return np.pad(box, (*pads, (0, 0)), mode="symmetric")
     iy = mirror_index(wy0, wy1, height)
     ix = mirror_index(wx0, wx1, width)
     by0, by1, bx0, bx1 = int(iy.min()), int(iy.max()) + 1, int(ix.min()), int(ix.max()) + 1
