@@ -10,10 +10,23 @@ import time
 from collections.abc import Callable, Iterable
 
 
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix_str(self, s: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled, desc=desc, unit="tile", dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="tile", dynamic_ncols=True)
 
 
 def _outcomes(fn, specs: list, client, resources) -> Iterable[tuple[object, object, BaseException | None]]:

@@ -33,6 +33,18 @@ from segcore.models.fields import ReceptiveField, cached_receptive_field
 from segcore.tiling import TileGrid, plan_tiles, round_up
 
 RESULT = "result.zarr"
+PREVIEW_SIDE = 1024
+MIN_LEVEL_SHARD = 128  # a pyramid level is written by the shard tasks while its shards are >= this
+
+
+def task_levels(core: int, n_levels: int) -> int:
+    """How many pyramid levels the shard tasks can write themselves: level L needs the core
+    to halve evenly L times (so each core's footprint is whole shards of ``core >> L``)."""
+    lv = 0
+    while lv + 1 < n_levels and core % (2 ** (lv + 1)) == 0 and \
+            core >> (lv + 1) >= MIN_LEVEL_SHARD:
+        lv += 1
+    return lv
 
 
 class SegmentConfig(Frozen):
@@ -41,7 +53,9 @@ class SegmentConfig(Frozen):
     model: str = Field(description="checkpoint URI")
     level: int | None = Field(None, ge=0)
     mpp: float | None = Field(None, gt=0, description="target pixel size (um or m per pixel)")
-    tile: int = Field(1024, ge=16, le=16384, description="model window edge in pixels")
+    tile: int | Literal["auto"] = Field(
+        1024, description="model window edge in pixels, or 'auto': the largest the device's "
+        "memory budget holds")
     halo: int | Literal["auto"] = "auto"
     batch: int = Field(4, ge=1, le=256)
     device: str = "auto"
@@ -53,6 +67,15 @@ class SegmentConfig(Frozen):
     prob_dtype: Literal["uint8", "float16"] = "uint8"
     shards_per_task: int = Field(4, ge=1, le=1024)
     pyramid: bool = True
+    compile: bool = Field(False, description="torch.compile the model (first call per window "
+                          "shape compiles: pays off on large scenes only)")
+
+    @field_validator("tile")
+    @classmethod
+    def _tile(cls, v):
+        if isinstance(v, int) and not 16 <= v <= 16384:
+            raise ValueError(f"tile {v} must be between 16 and 16384 pixels, or 'auto'")
+        return v
 
     @field_validator("halo")
     @classmethod
@@ -85,6 +108,12 @@ class Report(BaseModel):
     tiles_resumed: int = 0
     seconds: float = 0.0
     mpx_per_s: float = 0.0
+    compute_overhead: float = Field(1.0, description="window pixels computed per scene pixel")
+    precision: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(
+        default_factory=dict, description="seconds per phase: plan, prepare, infer (wall), "
+        "pyramid, preview, finish; and summed over shards (they overlap, so the sums can "
+        "exceed infer): read, compute, write")
     versions: dict[str, str] = Field(default_factory=dict)
     uris: dict[str, str] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
@@ -104,13 +133,28 @@ class ScenePlan:
     pixel_unit: str | None
     run: tuple[bool, ...]
     warnings: list[str] = field(default_factory=list)
+    n_levels: int = 1
+    task_levels: int = 0  # levels 1..task_levels are written by the shard tasks themselves
+    level_shards: tuple[int, ...] = ()
+    thumb_stride: int = 0  # preview thumbnail sampled by the tasks every this many px
+    batch: int = 4  # windows per forward pass (cfg.batch, or what --tile auto fits)
+
+    @property
+    def preview_level(self) -> int:
+        """The mask level the preview shows: the first whose longer side is <= 1024."""
+        from segcore.io.zarrstore import level_shape
+
+        for lv in range(self.n_levels):
+            if max(level_shape(self.info.height, self.info.width, lv)) <= PREVIEW_SIDE:
+                return lv
+        return self.n_levels - 1
 
     @property
     def signature(self) -> str:
         key = {"src": self.cfg.src, "level": self.info.level, "shape": [self.info.height,
                self.info.width], "model": self.model_sha256, "tile": self.grid.tile,
                "halo": self.grid.halo, "prob_dtype": self.cfg.prob_dtype,
-               "blend": self.cfg.blend}
+               "blend": self.cfg.blend, "level_shards": list(self.level_shards)}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -146,7 +190,6 @@ def choose_halo(tile: int, multiple: int, field: ReceptiveField, halo) -> tuple[
 def plan(cfg: SegmentConfig) -> ScenePlan:
     """Read the scene's metadata and the checkpoint's contract; lay out the tiles; decide
     which contain foreground. Cheap: reads no full-resolution pixels."""
-    from segcore.foreground import foreground_mask, tile_has_foreground
     from segcore.io.readers import open_scene
 
     ckpt, _ = read_checkpoint(read_bytes(cfg.model), cfg.model)
@@ -165,9 +208,21 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
         with torch.device("meta"):  # shapes only: no weights allocated or initialised
             multiple = int(getattr(build_model(ckpt.spec), "input_multiple", 1))
         rf = cached_receptive_field(ckpt.spec)
-        halo, exact, warnings = choose_halo(cfg.tile, multiple, rf, cfg.halo)
-        grid = plan_tiles(info.height, info.width, cfg.tile, halo, multiple)
+        tile, batch, notes = cfg.tile, cfg.batch, []
+        if tile == "auto":
+            tile, batch, why = _auto_tile(cfg, ckpt.spec, multiple, rf, info)
+            notes.append(why)
+        halo, exact, warnings = choose_halo(tile, multiple, rf, cfg.halo)
+        grid = plan_tiles(info.height, info.width, tile, halo, multiple)
+        warnings = notes + warnings
+        if grid.core * 2 < grid.tile and len(grid.tiles) > 1:
+            warnings.append(
+                f"the core ({grid.core} px) is under half the {grid.tile}-px window (halo "
+                f"{grid.halo}): the model computes {grid.overhead:.1f}x the scene's pixels; "
+                f"use a larger --tile (or --tile auto)")
         if cfg.skip_background and cfg.foreground != "all":
+            from segcore.foreground import foreground_mask, tile_has_foreground
+
             fg, factor = foreground_mask(scene, kind=cfg.foreground)
             run = tuple(tile_has_foreground(fg, factor, t.y0, t.y1, t.x0, t.x1)
                         for t in grid.tiles)
@@ -175,9 +230,27 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
             run = (True,) * len(grid.tiles)
     finally:
         scene.close()
-    return ScenePlan(cfg, info, grid, rf, exact, tuple(ckpt.contract.class_names),
-                     ckpt.spec.out_channels, ckpt.sha256, info.pixel_size, info.pixel_unit,
-                     run, warnings)
+    from segcore.io.zarrstore import n_levels_for
+
+    n_levels = n_levels_for(info.height, info.width) if cfg.pyramid else 1
+    tl = task_levels(grid.core, n_levels)
+    shards = tuple(grid.core >> min(lv, tl) for lv in range(n_levels))
+    p = ScenePlan(cfg, info, grid, rf, exact, tuple(ckpt.contract.class_names),
+                  ckpt.spec.out_channels, ckpt.sha256, info.pixel_size, info.pixel_unit,
+                  run, warnings, n_levels, tl, shards, batch=batch)
+    p.thumb_stride = 2 ** p.preview_level
+    return p
+
+
+def _auto_tile(cfg: SegmentConfig, spec, multiple: int, rf: ReceptiveField, info):
+    from segcore.inference import choose_device, choose_precision
+    from segcore.memory import auto_tile
+
+    dev = choose_device(cfg.device)
+    amp = choose_precision(dev, cfg.amp).amp
+    halo = round_up(rf.radius, multiple) if cfg.halo == "auto" and not rf.is_global else \
+        (0 if cfg.halo == "auto" else cfg.halo)
+    return auto_tile(spec, dev.type, amp, cfg.batch, multiple, halo, info.height, info.width)
 
 
 def is_complete(out: str) -> bool:
@@ -192,15 +265,13 @@ def load_report(out: str) -> Report:
 
 
 def _versions() -> dict[str, str]:
-    import dask
-    import numpy
-    import torch
-    import zarr
+    from importlib.metadata import version
 
     from segcore import __version__
 
-    return {"segcore": __version__, "torch": torch.__version__, "zarr": zarr.__version__,
-            "dask": dask.__version__, "numpy": numpy.__version__}
+    # versions from the installed metadata: importing dask just to read its version cost 0.3 s
+    return {"segcore": __version__, **{name: version(name) for name in
+                                       ("torch", "zarr", "dask", "numpy")}}
 
 
 def _rm(out: str, name: str) -> None:
@@ -215,12 +286,7 @@ def _rm(out: str, name: str) -> None:
 def prepare(p: ScenePlan) -> str:
     """Create (or reuse, for a resume) the output arrays. Returns 'complete', 'resume' or
     'new'."""
-    from segcore.io.zarrstore import (
-        create_multiscale,
-        finish_label,
-        n_levels_for,
-        open_group,
-    )
+    from segcore.io.zarrstore import create_multiscale, finish_label, open_group
     from segcore.tiling import shard_chunk
 
     cfg, info = p.cfg, p.info
@@ -231,14 +297,14 @@ def prepare(p: ScenePlan) -> str:
             return "complete" if is_complete(cfg.out) else "resume"
     for name in ("COMPLETE", "report.json", "plan.json", "shards", RESULT, "preview.png"):
         _rm(cfg.out, name)
-    n_levels = n_levels_for(info.height, info.width) if cfg.pyramid else 1
-    shard = p.grid.core
-    chunk = shard_chunk(shard, p.grid.multiple)
+    n_levels = p.n_levels
+    shards = list(p.level_shards)
+    chunks = [shard_chunk(sh, p.grid.multiple if lv == 0 else 1) for lv, sh in enumerate(shards)]
     root = open_group(join(cfg.out, RESULT), mode="w")
-    create_multiscale(root, info.height, info.width, p.out_channels, cfg.prob_dtype, shard,
-                      chunk, n_levels, p.pixel_size, p.pixel_unit, name="probabilities")
+    create_multiscale(root, info.height, info.width, p.out_channels, cfg.prob_dtype, shards,
+                      chunks, n_levels, p.pixel_size, p.pixel_unit, name="probabilities")
     mask = root.require_group("labels").require_group("mask")
-    create_multiscale(mask, info.height, info.width, None, "uint8", shard, chunk, n_levels,
+    create_multiscale(mask, info.height, info.width, None, "uint8", shards, chunks, n_levels,
                       p.pixel_size, p.pixel_unit, name="mask")
     finish_label(root, "mask", p.class_names)
     root.attrs["segcore"] = {
@@ -269,8 +335,9 @@ def _task_specs(p: ScenePlan):
                   if (dy or dx) and (t.row + dy, t.col + dx) in by_rc)
             for t in group) if cfg.blend else ()
         yield TaskSpec(cfg.src, p.info.level, out, cfg.out, cfg.model, cfg.device, cfg.amp,
-                       cfg.batch, cfg.prob_dtype, group, p.run[i:i + n],
-                       tuple(range(i, i + len(group))), cfg.blend, p.grid.halo, neighbours)
+                       p.batch, cfg.prob_dtype, group, p.run[i:i + n],
+                       tuple(range(i, i + len(group))), cfg.blend, p.grid.halo, neighbours,
+                       p.task_levels, p.thumb_stride, cfg.compile)
 
 
 def run_shards(p: ScenePlan, client=None, resources: dict | None = None,
@@ -294,29 +361,43 @@ def _downsample_task(args) -> list:
 
 
 def build_pyramid(p: ScenePlan, client=None, progress: bool = False) -> int:
-    """Fill levels 1.. of probabilities and mask, one task per destination shard."""
+    """Fill the levels the shard tasks did not write (task_levels+1 ..), one task per
+    destination shard, each from the level above."""
     import math
 
-    from segcore.io.zarrstore import level_shape, open_group
+    from segcore.io.zarrstore import level_shape
 
     out = join(p.cfg.out, RESULT)
-    root = open_group(out, mode="r")
-    n_levels = len([k for k in root.array_keys() if k.isdigit()])
-    shard = p.grid.core
-    for lv in range(1, n_levels):
+    for lv in range(p.task_levels + 1, p.n_levels):
+        shard = p.level_shards[lv]
         h, w = level_shape(p.info.height, p.info.width, lv)
         specs = [(out, lv, r, c, shard) for r in range(math.ceil(h / shard))
                  for c in range(math.ceil(w / shard))]
         run_tasks(_downsample_task, specs, client, None, progress, f"pyramid {lv}", lambda s: 1)
-    return n_levels
+    return p.n_levels
 
 
-def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None) -> Report:
+def _sum(results: list[dict], key: str) -> float:
+    return round(sum(r.get(key, 0.0) for r in results), 3)
+
+
+def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None,
+             timings: dict[str, float] | None = None) -> Report:
     from segcore.preview import write_preview
 
     cfg = p.cfg
+    timings = dict(timings or {})
+    t0 = time.perf_counter()
     levels = build_pyramid(p, client) if cfg.pyramid else 1
+    t1 = time.perf_counter()
+    write_preview(p, join(cfg.out, "preview.png"), results)
+    t2 = time.perf_counter()
+    timings.update(pyramid=round(t1 - t0, 3), preview=round(t2 - t1, 3),
+                   read=_sum(results, "read_s"), compute=_sum(results, "compute_s"),
+                   write=_sum(results, "write_s"))
+    seconds += t2 - t0
     status = [r["status"] for r in results]
+    precision = next((r["precision"] for r in results if "precision" in r), {})
     px = p.info.height * p.info.width
     report = Report(
         src=cfg.src, out=cfg.out, model=cfg.model, model_sha256=p.model_sha256,
@@ -329,13 +410,13 @@ def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None) -> 
         tiles_skipped_background=status.count("background"),
         tiles_resumed=status.count("resumed"), seconds=round(seconds, 3),
         mpx_per_s=round(px / 1e6 / seconds, 4) if seconds > 0 else 0.0,
+        compute_overhead=round(p.grid.overhead, 4), precision=precision, timings=timings,
         versions=_versions(),
         uris={"result": join(cfg.out, RESULT), "mask": join(cfg.out, RESULT, "labels/mask"),
               "probabilities": join(cfg.out, RESULT), "report": join(cfg.out, "report.json"),
               "preview": join(cfg.out, "preview.png"), "levels": str(levels)},
         warnings=p.warnings,
     )
-    write_preview(p, join(cfg.out, "preview.png"))
     write_bytes_atomic(join(cfg.out, "report.json"), report.model_dump_json(indent=2).encode())
     write_bytes_atomic(join(cfg.out, "COMPLETE"), json.dumps(
         {"signature": p.signature, "report_sha256": hashlib.sha256(
@@ -345,11 +426,16 @@ def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None) -> 
 
 def segment(cfg: SegmentConfig, client=None, resources: dict | None = None,
             progress: bool = True) -> Report:
-    """Segment one scene end to end (resuming a half-done run with the same plan)."""
+    """Segment one scene end to end (resuming a half-done run with the same plan). The
+    report's seconds run from here to the COMPLETE marker; its timings split them."""
     t0 = time.perf_counter()
     p = plan(cfg)
+    t1 = time.perf_counter()
     state = prepare(p)
     if state == "complete":
         return load_report(cfg.out)
+    t2 = time.perf_counter()
     results = run_shards(p, client, resources, progress)
-    return finalize(p, results, time.perf_counter() - t0, client)
+    t3 = time.perf_counter()
+    return finalize(p, results, t3 - t0, client, {"plan": round(t1 - t0, 3),
+                    "prepare": round(t2 - t1, 3), "infer": round(t3 - t2, 3)})

@@ -49,13 +49,31 @@ def _thumbnail(scene_uri: str, shape: tuple[int, int], info_level: int) -> np.nd
             img = _sampled(s, shape)
     except Exception:  # noqa: BLE001 - the preview is a convenience; never fail a run for it
         return None
+    return _stretch(img)
+
+
+def _from_tasks(p, results: list[dict] | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """The thumbnail the shard tasks sampled from the windows they read anyway (every
+    ``p.thumb_stride``-th pixel of each core), or None if any tile did not send one (resumed
+    or background tiles): then the scene is read again."""
+    thumbs = [r["thumb"] for r in results or () if "thumb" in r]
+    if not thumbs or len(thumbs) != len(p.grid.tiles):
+        return None
+    out = np.zeros((*shape, thumbs[0][2].shape[-1]), thumbs[0][2].dtype)
+    for ty, tx, a in thumbs:
+        out[ty:ty + a.shape[0], tx:tx + a.shape[1]] = a[: shape[0] - ty, : shape[1] - tx]
+    return out
+
+
+def _stretch(img: np.ndarray) -> np.ndarray:
     img = img if img.shape[-1] >= 3 else np.repeat(img[..., :1], 3, axis=-1)
     img = img.astype(np.float32)
-    lo, hi = np.percentile(img, 1), np.percentile(img, 99)
+    step = max(1, int(np.sqrt(img.shape[0] * img.shape[1] / 65536)))  # ~64k samples suffice
+    lo, hi = np.percentile(img[::step, ::step], (1, 99))
     return np.clip((img - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
 
 
-def write_preview(p, uri: str, max_side: int = 1024) -> None:
+def write_preview(p, uri: str, results: list[dict] | None = None, max_side: int = 1024) -> None:
     from segcore.io.zarrstore import open_group
 
     root = open_group(join(p.cfg.out, "result.zarr"), mode="r")
@@ -66,12 +84,17 @@ def write_preview(p, uri: str, max_side: int = 1024) -> None:
     stride = max(1, int(np.ceil(max(mask.shape) / max_side)))
     mask = mask[::stride, ::stride]
     colour = PALETTE[mask % len(PALETTE)]
-    thumb = _thumbnail(p.cfg.src, mask.shape, p.info.level)
+    thumb = None
+    if stride == 1 and 2 ** lv == p.thumb_stride:
+        thumb = _from_tasks(p, results, mask.shape)
+        thumb = None if thumb is None else _stretch(thumb)
+    if thumb is None:
+        thumb = _thumbnail(p.cfg.src, mask.shape, p.info.level)
     if thumb is None:
         out = colour
     else:
         a = (mask > 0)[..., None] * 0.45
         out = (thumb * (1 - a) + colour * a).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(out).save(buf, format="PNG")
+    Image.fromarray(out).save(buf, format="PNG", compress_level=1)
     write_bytes_atomic(uri, buf.getvalue())

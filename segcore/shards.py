@@ -1,10 +1,13 @@
 """The worker side of segmentation: one task runs a few tiles, each tile owning one shard.
 
 A task opens the scene itself from its URI (nothing unpicklable travels), loads the model
-once per process, reads windows with mirroring (the next batch's reads prefetched while the
-current batch computes), crops predictions to cores, writes each core as one whole shard of the
-level-0 arrays, then writes that shard's completion record (a digest of the bytes written).
-Resume trusts a record only if the shard's data still hashes to it.
+once per process and runs three stages that overlap: a reader thread reads and decodes the
+next batch of windows (raw pixels, mirrored at the scene's edges) while the model runs on the
+current one (normalisation happens on the device), and a writer thread takes each finished
+core: quantises it, writes it as one whole shard of the level-0 arrays and of every pyramid
+level the core can fill by itself, then writes that shard's completion record (a digest of
+the level-0 bytes). Resume trusts a record only if the shard's data still hashes to it.
+Each shard's result carries the seconds its stages took (read, compute, write).
 """
 
 from __future__ import annotations
@@ -18,14 +21,25 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from segcore.inference import check_channels, get_predictor, labels_from_probs, normalize
+from segcore.inference import check_channels, get_predictor, labels_from_probs
 from segcore.io.uri import get_fs, join, write_bytes_atomic
-from segcore.io.zarrstore import open_group, write_block
+from segcore.io.zarrstore import downsample2, open_group, write_blocks
 from segcore.tiling import Tile, mirror_pad_region
 
 FAULT_ENV = "SEGCORE_FAULT_SHARD"  # test-only fault injection: tile index that raises
 
 _SCENES: dict[tuple, object] = {}
+
+
+def io_threads() -> int:
+    """Reader and writer threads per task: decoding and compressing release the GIL, so on a
+    host with spare cores (a GPU server) several of each keep the device fed; on a small CPU
+    box one each. ``SEGCORE_IO_THREADS`` overrides."""
+    env = os.environ.get("SEGCORE_IO_THREADS")
+    if env:
+        return max(1, int(env))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, (cores or 1) // 4))
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,9 @@ class TaskSpec:
     blend: bool = False
     halo: int = 0
     neighbours: tuple[tuple[Tile, ...], ...] = ()  # blend mode: the windows around each tile
+    task_levels: int = 0  # pyramid levels 1..task_levels are written here, shard by shard
+    thumb_stride: int = 0  # >0: return the input sampled every thumb_stride px (preview)
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,9 @@ class ShardResult:
     status: str  # 'run' | 'background' | 'resumed'
     seconds: float
     pixels: int
+    read_s: float = 0.0  # reading + decoding + mirroring this shard's window
+    compute_s: float = 0.0  # its share of the batch's model time (incl. normalisation)
+    write_s: float = 0.0  # quantise, label, digest, compress + write (all levels), record
 
 
 def record_uri(out: str, key: str) -> str:
@@ -102,13 +122,13 @@ def _scene(src: str, level: int):
 
 
 def run_task(spec: TaskSpec) -> list[dict]:
-    """Run one task's tiles; returns a list of ShardResult dicts."""
+    """Run one task's tiles; returns a list of ShardResult dicts (plus, with
+    ``thumb_stride``, a sampled thumbnail of each core's input under ``"thumb"``)."""
     scene = _scene(spec.src, spec.level)
     info = scene.info
-    pred = get_predictor(spec.model, spec.device, spec.amp)
+    pred = get_predictor(spec.model, spec.device, spec.amp, compile=spec.compile)
     check_channels(pred, info.channels, spec.src)
     root = open_group(spec.out, mode="r+")
-    prob_arr, mask_arr = root["0"], root["labels/mask/0"]
     fault = os.environ.get(FAULT_ENV)
     results: list[dict] = []
 
@@ -126,31 +146,103 @@ def run_task(spec: TaskSpec) -> list[dict]:
             todo.append((idx, tile))
 
     def read(tile: Tile) -> np.ndarray:
-        raw = mirror_pad_region(scene.read, info.height, info.width,
-                                tile.wy0, tile.wy1, tile.wx0, tile.wx1)
-        return normalize(raw, pred.contract)
+        return mirror_pad_region(scene.read, info.height, info.width,
+                                 tile.wy0, tile.wy1, tile.wx0, tile.wx1)
 
+    writer = _ShardWriter(spec, root)
     cores = _blended_cores(spec, todo, pred, read) if spec.blend else \
         _cropped_cores(spec, todo, pred, read)
-    for idx, tile, core, seconds in cores:
-        if fault is not None and int(fault) == idx:
-            raise RuntimeError(f"injected fault at shard {idx} ({tile.key}) [{FAULT_ENV}]")
-        mask = labels_from_probs(core)
-        if spec.prob_dtype == "uint8":
-            prob = np.rint(core * 255).astype(np.uint8)
-        else:
-            prob = core.astype(np.float16)
-        write_block(prob_arr, tile.y0, tile.x0, prob)
-        write_block(mask_arr, tile.y0, tile.x0, mask)
-        _write_record(spec.records, tile, "run", _digest(mask, prob))
-        results.append(asdict(ShardResult(tile.key, "run", seconds,
-                                          tile.core_shape[0] * tile.core_shape[1])))
+    try:
+        for idx, tile, core, raw, times in cores:
+            if fault is not None and int(fault) == idx:
+                raise RuntimeError(f"injected fault at shard {idx} ({tile.key}) [{FAULT_ENV}]")
+            writer.submit(tile, core, raw, times)
+        results.extend(writer.finish())
+    finally:
+        writer.close()
+    for r in results:
+        if r["status"] == "run":
+            r["precision"] = pred.precision
+            break
     return results
+
+
+class _ShardWriter:
+    """Background threads that turn finished cores into shards (quantise, label, digest, write
+    every level the task owns, record), each core by one thread (one writer per shard), at most
+    two cores per thread behind the model so memory stays bounded. Errors surface on the next
+    submit or at finish."""
+
+    def __init__(self, spec: TaskSpec, root) -> None:
+        self.spec = spec
+        self.prob = [root[str(lv)] for lv in range(spec.task_levels + 1)]
+        self.mask = [root[f"labels/mask/{lv}"] for lv in range(spec.task_levels + 1)]
+        self.threads = io_threads()
+        self.pool = ThreadPoolExecutor(max_workers=self.threads,
+                                       thread_name_prefix="segcore-write")
+        self.pending: list = []
+        self.done: list[dict] = []
+
+    def submit(self, tile: Tile, core: np.ndarray, raw: np.ndarray | None,
+               times: tuple[float, float]) -> None:
+        while len(self.pending) >= 2 * self.threads:
+            self.done.append(self.pending.pop(0).result())
+        self.pending.append(self.pool.submit(self._write, tile, core, raw, times))
+
+    def finish(self) -> list[dict]:
+        while self.pending:
+            self.done.append(self.pending.pop(0).result())
+        return self.done
+
+    def close(self) -> None:
+        # on an error upstream, cores already handed over are still written (and recorded):
+        # a resume then skips them
+        self.pool.shutdown(wait=True)
+
+    def _write(self, tile: Tile, core, raw: np.ndarray | None,
+               times: tuple[float, float]) -> dict:
+        """``core``: float probabilities (K, h, w), or (stored probabilities, labels) as the
+        predictor already quantised them on the device."""
+        t0 = time.perf_counter()
+        spec = self.spec
+        if isinstance(core, tuple):
+            prob, mask = core
+        else:
+            mask = labels_from_probs(core)
+            if spec.prob_dtype == "uint8":
+                prob = np.rint(core * 255).astype(np.uint8)
+            else:
+                prob = core.astype(np.float16)
+        blocks = [(self.prob[0], tile.y0, tile.x0, prob), (self.mask[0], tile.y0, tile.x0, mask)]
+        p, m = prob, mask
+        for lv in range(1, spec.task_levels + 1):
+            p = downsample2(p, "mean", p.dtype)
+            m = downsample2(m, "nearest", m.dtype)
+            blocks += [(self.prob[lv], tile.y0 >> lv, tile.x0 >> lv, p),
+                       (self.mask[lv], tile.y0 >> lv, tile.x0 >> lv, m)]
+        write_blocks(blocks)
+        _write_record(spec.records, tile, "run", _digest(mask, prob))
+        out = asdict(ShardResult(tile.key, "run", sum(times), tile.core_shape[0] *
+                                 tile.core_shape[1], times[0], times[1],
+                                 time.perf_counter() - t0))
+        if spec.thumb_stride and raw is not None:
+            out["thumb"] = _thumb(tile, raw, spec.thumb_stride)
+        return out
+
+
+def _thumb(tile: Tile, window: np.ndarray, stride: int) -> tuple[int, int, np.ndarray]:
+    """The core's input at every ``stride``-th image pixel: (row, col) of its first sample in
+    the thumbnail grid, and the samples (at most 3 channels)."""
+    fy, fx = -(-tile.y0 // stride) * stride, -(-tile.x0 // stride) * stride
+    sub = window[fy - tile.wy0:tile.y1 - tile.wy0:stride, fx - tile.wx0:tile.x1 - tile.wx0:stride,
+                 :3]
+    return fy // stride, fx // stride, np.ascontiguousarray(sub)
 
 
 def _cropped_cores(spec: TaskSpec, todo, pred, read):
     """Exact mode: one window per tile, cropped to its core. Windows are batched by shape and
-    the next batch is read while the current one computes."""
+    the next batch is read (on a thread) while the current one computes. Yields (index, tile,
+    core probabilities, raw window, (read s, compute s))."""
     batches: list[list[tuple[int, Tile]]] = []
     for idx, tile in sorted(todo, key=lambda it: it[1].window_shape):
         if batches and len(batches[-1]) < spec.batch and \
@@ -160,18 +252,27 @@ def _cropped_cores(spec: TaskSpec, todo, pred, read):
             batches.append([(idx, tile)])
     if not batches:
         return
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(lambda b: [read(t) for _, t in b], batches[0])
+
+    def read_one(tile):
+        t0 = time.perf_counter()
+        return read(tile), time.perf_counter() - t0
+
+    # windows are read by io_threads() threads, up to two batches ahead of the model
+    ahead = 2
+    with ThreadPoolExecutor(max_workers=io_threads(), thread_name_prefix="segcore-read") as pool:
+        queued = [[pool.submit(read_one, t) for _, t in b] for b in batches[:ahead]]
         for bi, group in enumerate(batches):
+            got = [f.result() for f in queued.pop(0)]
+            if bi + ahead < len(batches):
+                queued.append([pool.submit(read_one, t) for _, t in batches[bi + ahead]])
+            windows, read_s = [w for w, _ in got], sum(s for _, s in got)
             t0 = time.perf_counter()
-            windows = pending.result()
-            if bi + 1 < len(batches):
-                pending = pool.submit(lambda b: [read(t) for _, t in b], batches[bi + 1])
-            probs = pred(np.stack(windows))
-            seconds = (time.perf_counter() - t0) / len(group)
-            for (idx, tile), p in zip(group, probs, strict=True):
+            batch = np.stack(windows) if len(windows) > 1 else windows[0][None]
+            probs, labels = pred.predict_quantized(batch, spec.prob_dtype)
+            compute_s = (time.perf_counter() - t0) / len(group)
+            for (idx, tile), p, lab, w in zip(group, probs, labels, windows, strict=True):
                 ys, xs = tile.crop
-                yield idx, tile, p[:, ys, xs], seconds
+                yield idx, tile, (p[:, ys, xs], lab[ys, xs]), w, (read_s / len(group), compute_s)
 
 
 def _blended_cores(spec: TaskSpec, todo, pred, read):
@@ -187,8 +288,12 @@ def _blended_cores(spec: TaskSpec, todo, pred, read):
         t0 = time.perf_counter()
         windows = [tile, *neighbours[tile]]
         missing = [w for w in windows if w.key not in cache]
+        raw_own = None
         for w in missing:
-            cache[w.key] = pred(read(w)[None])[0]
+            raw = read(w)
+            if w.key == tile.key:
+                raw_own = raw
+            cache[w.key] = pred.predict_raw(raw[None])[0]
         acc = None
         wsum = np.zeros(tile.core_shape, np.float32)
         for w in windows:
@@ -204,4 +309,4 @@ def _blended_cores(spec: TaskSpec, todo, pred, read):
                 acc = np.zeros((part.shape[0], *tile.core_shape), np.float32)
             acc[:, y0 - tile.y0:y1 - tile.y0, x0 - tile.x0:x1 - tile.x0] += part
             wsum[y0 - tile.y0:y1 - tile.y0, x0 - tile.x0:x1 - tile.x0] += wt
-        yield idx, tile, acc / wsum, time.perf_counter() - t0
+        yield idx, tile, acc / wsum, raw_own, (0.0, time.perf_counter() - t0)

@@ -84,22 +84,27 @@ def test_blended_cores_remove_seams_of_a_window_dependent_predictor():
                     (True,) * len(grid.tiles), tuple(range(len(grid.tiles))), True, grid.halo,
                     nbrs)
 
-    def read(t):
-        win = mirror_pad_region(lambda a, b, c, d: img[a:b, c:d], h, w, t.wy0, t.wy1, t.wx0,
-                                t.wx1)
-        return win.transpose(2, 0, 1)
+    def read(t):  # raw (h, w, c) windows, as the shard tasks read them
+        return mirror_pad_region(lambda a, b, c, d: img[a:b, c:d], h, w, t.wy0, t.wy1, t.wx0,
+                                 t.wx1)
 
-    def pred(batch):
-        return np.broadcast_to(batch.mean(axis=(1, 2, 3), keepdims=True)[:, :1],
-                               (batch.shape[0], 1, *batch.shape[2:])).copy()
+    class WindowMean:  # the Predictor interface the shard tasks use
+        def predict_raw(self, raw):  # (B, h, w, c) -> (B, 1, h, w)
+            return np.broadcast_to(raw.mean(axis=(1, 2, 3), keepdims=True)[..., 0][:, None],
+                                   (raw.shape[0], 1, *raw.shape[1:3])).astype(np.float32)
 
+        def predict_quantized(self, raw, prob_dtype):
+            p = self.predict_raw(raw)
+            return p.astype(np.float16), (p[:, 0] >= 0.5).astype(np.uint8)
+
+    pred = WindowMean()
     todo = list(enumerate(grid.tiles))
     out = {}
     for mode, gen in (("crop", _cropped_cores(spec, todo, pred, read)),
                       ("blend", _blended_cores(spec, todo, pred, read))):
         full = np.zeros((h, w), np.float32)
-        for _, t, core, _ in gen:
-            full[t.y0:t.y1, t.x0:t.x1] = core[0]
+        for _, t, core, _, _ in gen:
+            full[t.y0:t.y1, t.x0:t.x1] = (core[0] if isinstance(core, tuple) else core)[0]
         out[mode] = full
     c = grid.core
     step_crop = np.abs(out["crop"][:, c] - out["crop"][:, c - 1]).max()

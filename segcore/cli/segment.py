@@ -15,12 +15,20 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--level", type=int, help="pyramid level of the source (0 = full)")
     g.add_argument("--mpp", type=float, help="target pixel size (um/px slides, m/px scenes)")
-    p.add_argument("--tile", type=int, default=1024, help="model window edge (default 1024)")
+    p.add_argument("--tile", default="1024",
+                   help="model window edge in px (default 1024), or 'auto': the largest window "
+                        "the device's memory budget holds (GPU free memory; 25%% of available "
+                        "RAM on CPU; SEGCORE_MEMORY_BUDGET overrides)")
     p.add_argument("--halo", default="auto",
                    help="context pixels around each core; 'auto' = receptive field (exact)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
+    p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+                   help="precision: auto = bf16 on CUDA and on CPUs with AMX/AVX-512-BF16, "
+                        "fp32 elsewhere (the report says which and why)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (compiles once per window shape; off by "
+                        "default: see docs/BENCHMARKS.md for when it pays)")
     p.add_argument("--blend", action="store_true",
                    help="blend overlapping windows (smooths seams when the halo is smaller than "
                         "the receptive field; up to 9x compute)")
@@ -36,8 +44,9 @@ def run(args: argparse.Namespace) -> int:
     from segcore.pipeline import SegmentConfig, segment
 
     halo = args.halo if args.halo == "auto" else _int(args.halo, "--halo")
+    tile = args.tile if args.tile == "auto" else _int(args.tile, "--tile")
     cfg = validated(SegmentConfig, src=args.src, out=args.dst, model=args.model,
-                    level=args.level, mpp=args.mpp, tile=args.tile, halo=halo,
+                    level=args.level, mpp=args.mpp, tile=tile, halo=halo, compile=args.compile,
                     batch=args.batch, device=args.device, amp=args.amp,
                     foreground=args.foreground, skip_background=not args.no_skip_background,
                     blend=args.blend, prob_dtype=args.prob_dtype, shards_per_task=args.shards_per_task)
