@@ -5,17 +5,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench bench-memory clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 
 # torch first, pinned to the CPU build that lies on these machines (any other torch pulls
-# a multi-GB CUDA build); then the project with its dev extras.
+# a multi-GB CUDA build); then the project with its dev and bench extras.
 $(STAMP): $(PY) pyproject.toml
 	$(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install -e ".[dev,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,10 +27,16 @@ demo: $(STAMP)
 	$(PY) -m flows.demo $(DEMO_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check segcore flows tests
+	$(PY) -m ruff check segcore flows tests bench
 
+# the harness (bench/): bare model vs segment vs MONAI, then the I/O ceiling; results in
+# bench/results/. BENCH_ARGS / IO_ARGS add options, e.g. BENCH_ARGS="--size 8192 --amp bf16".
 bench: $(STAMP)
-	$(PY) scripts/bench_memory.py
+	$(PY) -m bench compare $(BENCH_ARGS)
+	$(PY) -m bench io $(IO_ARGS)
+
+bench-memory: $(STAMP)
+	$(PY) bench/memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

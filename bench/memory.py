@@ -1,8 +1,8 @@
 """Peak memory of ``segcore segment`` against scene size: the goal is flat memory (a 256 Mpx
 scene within 1.2x of a 16 Mpx one). A benchmark, not a test.
 
-    .venv/bin/python scripts/bench_memory.py                       # 16, 64, 256 Mpx, in-process
-    .venv/bin/python scripts/bench_memory.py --workers 0,1 --sizes 16,64
+    .venv/bin/python bench/memory.py                       # 16, 64, 256 Mpx, in-process
+    .venv/bin/python bench/memory.py --workers 0,1 --sizes 16,64
 
 Each scene is square RGB uint8 (``Mpx`` = 2**20 pixels, so 16 Mpx is 4096 x 4096) with a
 cheap coloured texture that is foreground everywhere (no tile is skipped), written as a tiled
