@@ -64,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", default="none", choices=["none", "bf16", "auto"])
     p.add_argument("--kind", default="tiff", choices=list(fixtures.SCENE_KINDS))
     p.add_argument("--lines", type=int, default=60, help="profile lines to print")
+    p.add_argument("--sampler", default="py-spy", choices=["py-spy", "pyinstrument"],
+                   help="py-spy samples every thread (default, when installed); pyinstrument "
+                        "only the main one")
     return ap
 
 
