@@ -54,7 +54,7 @@ def _tree_rss(proc) -> int:
     return total
 
 
-def run_process(cmd: list[str], log: Path, env: dict[str, str], interval: float = 0.1,
+def run_process(cmd: list[str], log: Path, env: dict[str, str], interval: float = 0.5,
                 timeout: float | None = None) -> dict:
     """Run ``cmd`` (output to ``log``); returns wall seconds, peak RSS (MB) and exit code."""
     try:
