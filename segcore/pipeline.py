@@ -238,7 +238,11 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
     p = ScenePlan(cfg, info, grid, rf, exact, tuple(ckpt.contract.class_names),
                   ckpt.spec.out_channels, ckpt.sha256, info.pixel_size, info.pixel_unit,
                   run, warnings, n_levels, tl, shards, batch=batch)
-    p.thumb_stride = 2 ** p.preview_level
+    from segcore.io.zarrstore import level_shape
+
+    lv = p.preview_level  # tasks sample the preview only if it is small (never without a pyramid)
+    if max(level_shape(info.height, info.width, lv)) <= PREVIEW_SIDE:
+        p.thumb_stride = 2 ** lv
     return p
 
 

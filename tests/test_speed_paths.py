@@ -184,6 +184,8 @@ def test_task_pyramid_thumbnail_report(tmp_path):
     s = p.thumb_stride
     thumb = _from_tasks(p, results, (-(-1000 // s), -(-1300 // s)))
     assert s == 2 and np.array_equal(thumb, img[::s, ::s])
+    # without a pyramid the preview level is the scene itself: the tasks sample nothing
+    assert plan(cfg.model_copy(update={"pyramid": False})).thumb_stride == 0
 
 
 def test_tile_auto_fits_the_budget_and_small_cores_warn(tmp_path, monkeypatch):
