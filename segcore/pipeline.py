@@ -88,6 +88,9 @@ class SegmentConfig(Frozen):
     def _level_or_mpp(self):
         if self.level is not None and self.mpp is not None:
             raise ValueError("give --level or --mpp, not both")
+        if self.amp == "fp16" and self.device == "cpu":
+            raise ValueError("--amp fp16 needs a CUDA device; on CPU use --amp bf16, none or "
+                             "auto")
         return self
 
 

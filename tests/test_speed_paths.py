@@ -225,3 +225,16 @@ def test_result_is_ome_zarr_that_ome_zarr_py_reads(tmp_path):
     assert len(nodes[0].data) == 3 and nodes[0].data[0].shape == (1, 600, 520)
     labels = [n for n in nodes if n.metadata.get("name") == "mask" or "color" in n.metadata]
     assert labels, [n.metadata for n in nodes]
+
+
+def test_cli_refuses_fp16_on_cpu_before_writing_anything(tmp_path):
+    import subprocess
+    import sys
+
+    _, src = _scene(tmp_path, 64, 64)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "segcore", "segment", src, str(out), "--model",
+                        _ckpt(tmp_path), "--device", "cpu", "--amp", "fp16", "--workers", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "fp16 needs a CUDA device" in r.stderr, r.stderr[-500:]
+    assert not out.exists()
