@@ -144,18 +144,11 @@ def run(args) -> dict:
                          "bare_pad": args.bare_pad, "contenders": contenders,
                          "quick": args.quick},
               "rows": out_rows, "table": table}
-    png = report.plot(out_rows, report.result_path(Path(args.results), "compare", tag, ".png"),
-                      f"{args.model}, {args.size}^2 px, amp {amp}, {threads} thr, {device}",
-                      lambda r: r["contender"] + (f" t{r['tile']}" if r["tile"] else ""))
-    result["plot"] = str(png) if png else None
-    path = report.write_json(result, Path(args.results), "compare", tag)
-    print()
-    print(f"{args.model}, {args.size}x{args.size} px ({px / 1e6:.1f} Mpx), amp {amp}, "
-          f"{threads} thread(s), {device}; {envmod.describe(env)}")
-    print()
-    print(table)
-    print()
-    print(f"# wrote {path}" + (f" and {png}" if png else ""))
+    report.publish(result, Path(args.results), "compare", tag,
+                   f"{args.model}, {args.size}^2 px, amp {amp}, {threads} thr, {device}",
+                   lambda r: r["contender"] + (f" t{r['tile']}" if r["tile"] else ""),
+                   f"{args.model}, {args.size}x{args.size} px ({px / 1e6:.1f} Mpx), amp {amp}, "
+                   f"{threads} thread(s), {device}; {envmod.describe(env)}")
     if not args.keep:
         shutil.rmtree(rundir, ignore_errors=True)
     return result

@@ -88,18 +88,11 @@ def run(args) -> dict:
                                                              scenes.items()},
                          "quick": args.quick},
               "rows": out_rows, "table": table}
-    png = report.plot(out_rows, report.result_path(Path(args.results), "io", tag, ".png"),
-                      f"I/O ceiling: zero-cost model, {args.size}^2 px, tile {tile}, {device}",
-                      lambda r: f"{r['scene_kind']} {r['contender']}")
-    result["plot"] = str(png) if png else None
-    path = report.write_json(result, Path(args.results), "io", tag)
-    print()
-    print(f"I/O ceiling, {args.size}x{args.size} px ({px / 1e6:.1f} Mpx), tile {tile}; "
-          f"{envmod.describe(env)}")
-    print()
-    print(table)
-    print()
-    print(f"# wrote {path}" + (f" and {png}" if png else ""))
+    report.publish(result, Path(args.results), "io", tag,
+                   f"I/O ceiling: zero-cost model, {args.size}^2 px, tile {tile}, {device}",
+                   lambda r: f"{r['scene_kind']} {r['contender']}",
+                   f"I/O ceiling, {args.size}x{args.size} px ({px / 1e6:.1f} Mpx), tile {tile}; "
+                   f"{envmod.describe(env)}")
     if not args.keep:
         shutil.rmtree(rundir, ignore_errors=True)
     return result

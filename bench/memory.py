@@ -44,20 +44,10 @@ def scene_side(mpx: float) -> int:
     return max(TIFF_TILE, round(math.sqrt(mpx) * 1024 / TIFF_TILE) * TIFF_TILE)
 
 
-def texture(y0: int, x0: int, h: int, w: int) -> np.ndarray:
-    """Smooth coloured stripes and rings: saturated everywhere (never 'glass'), cheap, and
-    compressible. Deterministic in absolute coordinates, so tiles join up."""
-    yy = np.arange(y0, y0 + h, dtype=np.float32)[:, None]
-    xx = np.arange(x0, x0 + w, dtype=np.float32)[None, :]
-    out = np.empty((h, w, 3), np.uint8)
-    out[..., 0] = 128 + 100 * np.sin(xx / 37.0 + np.cos(yy / 91.0))
-    out[..., 1] = 128 + 100 * np.sin(yy / 53.0)
-    out[..., 2] = 90 + 60 * np.sin((xx + yy) / 29.0)
-    return out
-
-
 def write_scene(path: Path, side: int) -> None:
     import tifffile
+
+    from bench.fixtures import texture  # the harness's scene texture, written the same way
 
     def tiles():
         for y in range(0, side, TIFF_TILE):
@@ -84,26 +74,11 @@ def write_model(path: Path, depth: int, width: int) -> None:
     save_checkpoint(model, str(path), contract)
 
 
-def tree_rss(proc) -> int:
-    """Sum of RSS over ``proc`` and all its descendants (bytes); vanished processes count 0."""
-    import psutil
-
-    total = 0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
-
-
 def run_one(cmd: list[str], log: Path, interval: float) -> dict:
     """Run ``cmd``, sampling the process tree's RSS; returns seconds, peaks and exit code."""
     import psutil
+
+    from bench.procs import tree_rss
 
     t0 = time.perf_counter()
     with open(log, "wb") as fh:

@@ -38,7 +38,7 @@ def child_env(threads: int, torch_threads: int | None = None) -> dict[str, str]:
     return env
 
 
-def _tree_rss(proc) -> int:
+def tree_rss(proc) -> int:
     import psutil
 
     try:
@@ -76,7 +76,7 @@ def run_process(cmd: list[str], log: Path, env: dict[str, str], interval: float 
                 pid, status, usage = os.wait4(popen.pid, os.WNOHANG)
             if pid == popen.pid:
                 break
-            peak = max(peak, _tree_rss(proc))
+            peak = max(peak, tree_rss(proc))
             if timeout is not None and time.perf_counter() - t0 > timeout:
                 popen.kill()
             time.sleep(interval)

@@ -111,6 +111,19 @@ def write_json(result: dict, results_dir: Path, comparison: str, tag: str) -> Pa
     return path
 
 
+def publish(result: dict, results_dir: Path, comparison: str, tag: str, plot_title: str,
+            label, header: str) -> Path:
+    """The end of every comparison: the PNG plot and the JSON (``result["rows"]``), then the
+    header line and the markdown table on stdout. Returns the JSON's path."""
+    png = plot(result["rows"], result_path(results_dir, comparison, tag, ".png"), plot_title,
+               label)
+    result["plot"] = str(png) if png else None
+    path = write_json(result, results_dir, comparison, tag)
+    print(f"\n{header}\n\n{result['table']}\n")
+    print(f"# wrote {path}" + (f" and {png}" if png else ""))
+    return path
+
+
 def plot(rows: list[dict], path: Path, title: str, label) -> Path | None:
     """Bars of median Mpx/s per row (and of wall-clock Mpx/s where measured), min-max error
     bars. ``label(row)`` names a bar. Returns None (with a message) without matplotlib."""

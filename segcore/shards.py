@@ -1,11 +1,11 @@
 """The worker side of segmentation: one task runs a few tiles, each tile owning one shard.
 
 A task opens the scene itself from its URI (nothing unpicklable travels), loads the model
-once per process and runs three stages that overlap: a reader thread reads and decodes the
+once per process and runs three stages that overlap: reader threads read and decode the
 next batch of windows (raw pixels, mirrored at the scene's edges) while the model runs on the
-current one (normalisation happens on the device), and a writer thread takes each finished
-core: quantises it, writes it as one whole shard of the level-0 arrays and of every pyramid
-level the core can fill by itself, then writes that shard's completion record (a digest of
+current one (normalisation happens on the device), and writer threads take each finished
+core, quantise it, write it as one whole shard of the level-0 arrays and of every pyramid
+level the core can fill by itself, then write that shard's completion record (a digest of
 the level-0 bytes). Resume trusts a record only if the shard's data still hashes to it.
 Each shard's result carries the seconds its stages took (read, compute, write).
 """
