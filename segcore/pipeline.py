@@ -272,12 +272,18 @@ def load_report(out: str) -> Report:
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
     from segcore import __version__
 
+    def _v(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # e.g. dask absent where segment runs with --workers 0
+            return "absent"
+
     # versions from the installed metadata: importing dask just to read its version cost 0.3 s
-    return {"segcore": __version__, **{name: version(name) for name in
+    return {"segcore": __version__, **{name: _v(name) for name in
                                        ("torch", "zarr", "dask", "numpy")}}
 
 
