@@ -124,8 +124,18 @@ def finish_label(root: zarr.Group, name: str, class_names: tuple[str, ...]) -> N
         mode="json", exclude_none=True)
 
 
+def _dense(arr: zarr.Array) -> zarr.Array:
+    """``arr`` writing every chunk it is given, fill-valued ones too. zarr's default
+    (write_empty_chunks=False) compares each inner chunk with the fill value before encoding
+    it: on one core that check took 40% of a tile's write (16 tiles of 1024^2 with their
+    pyramid shards: 0.55-0.68 s -> 0.35-0.43 s). A fill-valued chunk inside a shard costs a
+    few bytes of zstd, and tiles with nothing to write (background) are still never written."""
+    return arr.with_config({"write_empty_chunks": True})
+
+
 def write_block(arr: zarr.Array, y0: int, x0: int, data: np.ndarray) -> None:
     """Write ``data`` ((h, w) or (c, h, w)) at (y0, x0). Callers own the whole shard."""
+    arr = _dense(arr)
     try:
         if arr.ndim == 2:
             arr[y0:y0 + data.shape[0], x0:x0 + data.shape[1]] = data
@@ -149,7 +159,7 @@ def write_blocks(blocks: list[tuple[zarr.Array, int, int, np.ndarray]]) -> None:
     from zarr.core.sync import sync
 
     async def all_writes():
-        await asyncio.gather(*(a.async_array.setitem(_region(a, y0, x0, d), d)
+        await asyncio.gather(*(_dense(a).async_array.setitem(_region(a, y0, x0, d), d)
                                for a, y0, x0, d in blocks))
 
     try:
