@@ -66,23 +66,47 @@ def _from_tasks(p, results: list[dict] | None, shape: tuple[int, int]) -> np.nda
 
 
 def _stretch(img: np.ndarray) -> np.ndarray:
+    """The 1-99 percentile range stretched to 0-255, RGB. Integer images of up to 16 bits go
+    through a lookup table (one gather instead of five float passes: 1024^2 RGB in ~10 ms)."""
     img = img if img.shape[-1] >= 3 else np.repeat(img[..., :1], 3, axis=-1)
-    img = img.astype(np.float32)
     step = max(1, int(np.sqrt(img.shape[0] * img.shape[1] / 65536)))  # ~64k samples suffice
     lo, hi = np.percentile(img[::step, ::step], (1, 99))
-    return np.clip((img - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+    scale = 255 / max(float(hi - lo), 1e-6)
+    if img.dtype in (np.uint8, np.uint16):
+        lut = np.arange(np.iinfo(img.dtype).max + 1, dtype=np.float32)
+        lut = np.clip((lut - lo) * scale, 0, 255).astype(np.uint8)
+        return lut[img]
+    return np.clip((img.astype(np.float32) - lo) * scale, 0, 255).astype(np.uint8)
+
+
+def _mask_from_tasks(p, results: list[dict] | None) -> np.ndarray | None:
+    """The preview level's mask as the shard tasks returned it (each core's block of that
+    level, which they wrote anyway), or None if any tile did not send one."""
+    from segcore.io.zarrstore import level_shape
+
+    blocks = [r["thumb_mask"] for r in results or () if "thumb_mask" in r]
+    if not blocks or len(blocks) != len(p.grid.tiles):
+        return None
+    out = np.zeros(level_shape(p.info.height, p.info.width, p.preview_level), np.uint8)
+    for y0, x0, a in blocks:
+        out[y0:y0 + a.shape[0], x0:x0 + a.shape[1]] = a
+    return out
 
 
 def write_preview(p, uri: str, results: list[dict] | None = None, max_side: int = 1024) -> None:
     from segcore.io.zarrstore import open_group
 
-    root = open_group(join(p.cfg.out, "result.zarr"), mode="r")
-    grp = root["labels/mask"]
-    levels = sorted(int(k) for k in grp.array_keys() if k.isdigit())
-    lv = next((lv for lv in levels if max(grp[str(lv)].shape) <= max_side), levels[-1])
-    mask = np.asarray(grp[str(lv)][:])
-    stride = max(1, int(np.ceil(max(mask.shape) / max_side)))
-    mask = mask[::stride, ::stride]
+    mask, lv, stride = None, p.preview_level, 1
+    if p.thumb_stride and 2 ** lv == p.thumb_stride:
+        mask = _mask_from_tasks(p, results)
+    if mask is None:  # read the mask's pyramid (resumed or background tiles, big scenes)
+        root = open_group(join(p.cfg.out, "result.zarr"), mode="r")
+        grp = root["labels/mask"]
+        levels = sorted(int(k) for k in grp.array_keys() if k.isdigit())
+        lv = next((lv for lv in levels if max(grp[str(lv)].shape) <= max_side), levels[-1])
+        mask = np.asarray(grp[str(lv)][:])
+        stride = max(1, int(np.ceil(max(mask.shape) / max_side)))
+        mask = mask[::stride, ::stride]
     colour = PALETTE[mask % len(PALETTE)]
     thumb = None
     if stride == 1 and 2 ** lv == p.thumb_stride:
@@ -92,9 +116,10 @@ def write_preview(p, uri: str, results: list[dict] | None = None, max_side: int 
         thumb = _thumbnail(p.cfg.src, mask.shape, p.info.level)
     if thumb is None:
         out = colour
-    else:
-        a = (mask > 0)[..., None] * 0.45
-        out = (thumb * (1 - a) + colour * a).astype(np.uint8)
+    else:  # 45% class colour over the thumbnail, on labelled pixels only
+        out = np.ascontiguousarray(thumb[..., :3])
+        on = mask > 0
+        out[on] = (out[on] * np.float32(0.55) + colour[on] * np.float32(0.45)).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(out).save(buf, format="PNG", compress_level=1)
     write_bytes_atomic(uri, buf.getvalue())

@@ -160,6 +160,9 @@ def run_task(spec: TaskSpec) -> list[dict]:
         results.extend(writer.finish())
     finally:
         writer.close()
+    from segcore.memory import trim_heap
+
+    trim_heap()
     for r in results:
         if r["status"] == "run":
             r["precision"] = pred.precision
@@ -227,6 +230,10 @@ class _ShardWriter:
                                  time.perf_counter() - t0))
         if spec.thumb_stride and raw is not None:
             out["thumb"] = _thumb(tile, raw, spec.thumb_stride)
+            lv = spec.thumb_stride.bit_length() - 1
+            if lv <= spec.task_levels:  # the preview level's mask block, written above anyway
+                ml = mask if lv == 0 else blocks[2 * lv + 1][3]
+                out["thumb_mask"] = (tile.y0 >> lv, tile.x0 >> lv, np.ascontiguousarray(ml))
         return out
 
 

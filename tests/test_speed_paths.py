@@ -184,6 +184,15 @@ def test_task_pyramid_thumbnail_report(tmp_path):
     s = p.thumb_stride
     thumb = _from_tasks(p, results, (-(-1000 // s), -(-1300 // s)))
     assert s == 2 and np.array_equal(thumb, img[::s, ::s])
+    # the mask the tasks return for the preview is the mask's pyramid level, and the preview
+    # made from it is the one made by reading the level back
+    from segcore.preview import _mask_from_tasks, write_preview
+
+    assert np.array_equal(_mask_from_tasks(p, results), root["labels/mask/1"][:])
+    write_preview(p, str(tmp_path / "a.png"), results)
+    write_preview(p, str(tmp_path / "b.png"),
+                  [{k: v for k, v in r.items() if k != "thumb_mask"} for r in results])
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     # without a pyramid the preview level is the scene itself: the tasks sample nothing
     assert plan(cfg.model_copy(update={"pyramid": False})).thumb_stride == 0
 
