@@ -1,5 +1,3 @@
-import sys
+from segcore.cli import entry
 
-from segcore.cli import main
-
-sys.exit(main())
+entry()
