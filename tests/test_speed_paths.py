@@ -76,6 +76,26 @@ def test_predict_raw_and_quantized_equal_the_numpy_path(tmp_path):
     assert h.dtype == np.float16 and np.array_equal(h, ref.astype(np.float16))
 
 
+def test_cpu_batches_run_as_small_forwards_with_the_same_result(tmp_path, monkeypatch):
+    import segcore.inference as inf
+
+    pred = inf.get_predictor(_ckpt(tmp_path), "cpu", "none")
+    raw = np.random.default_rng(3).integers(0, 256, (5, 40, 56, 3)).astype(np.uint8)
+    assert pred._cpu_slices(raw) is None  # 5 small windows: one forward
+    whole_q, whole_lab = pred.predict_quantized(raw)
+    whole_p = pred.predict_raw(raw)
+    calls = []
+    real = inf.Predictor._probs
+    monkeypatch.setattr(inf.Predictor, "_probs", lambda self, x: calls.append(x.shape[0]) or
+                        real(self, x))
+    monkeypatch.setattr(inf, "CPU_FORWARD_PIXELS", 2 * 40 * 56)  # two windows per forward
+    q, lab = pred.predict_quantized(raw)
+    assert calls == [2, 2, 1]
+    assert np.array_equal(q, whole_q) and np.array_equal(lab, whole_lab)
+    # float32 convolutions may sum in another order for another batch size
+    assert np.abs(pred.predict_raw(raw) - whole_p).max() < 1e-6
+
+
 def test_bf16_on_a_trained_model_stays_close_to_fp32(tmp_path):
     """bf16 autocast (what --amp auto picks on AMX/AVX-512-BF16 CPUs and on GPUs) against fp32
     on a model trained for a few seconds on the synthetic nuclei: the bound the README states."""
