@@ -69,6 +69,10 @@ class SegmentConfig(Frozen):
     pyramid: bool = True
     compile: bool = Field(False, description="torch.compile the model (first call per window "
                           "shape compiles: pays off on large scenes only)")
+    objects: bool = Field(False, description="also find objects (instances with global ids "
+                          "across shards) and write their table; counts go into the report")
+    connectivity: Literal[4, 8] = Field(4, description="objects: pixels touch by an edge (4) "
+                                        "or also by a corner (8)")
 
     @field_validator("tile")
     @classmethod
@@ -122,6 +126,8 @@ class Report(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     uris: dict[str, str] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
+    objects: dict[str, Any] | None = Field(None, description="with --objects: counts per "
+                                           "class, connectivity, files written")
 
 
 @dataclass
@@ -310,7 +316,8 @@ def prepare(p: ScenePlan) -> str:
         old = json.loads(read_bytes(plan_uri))
         if old.get("signature") == p.signature:
             return "complete" if is_complete(cfg.out) else "resume"
-    for name in ("COMPLETE", "report.json", "plan.json", "shards", RESULT, "preview.png"):
+    for name in ("COMPLETE", "report.json", "plan.json", "shards", RESULT, "preview.png",
+                 "objects.json", "objects.parquet", "objects.csv"):
         _rm(cfg.out, name)
     n_levels = p.n_levels
     shards = list(p.level_shards)
@@ -406,6 +413,12 @@ def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None,
     levels = build_pyramid(p, client) if cfg.pyramid else 1
     t1 = time.perf_counter()
     write_preview(p, join(cfg.out, "preview.png"), results)
+    objects = None
+    if cfg.objects:
+        from segcore.objects import extract_objects
+
+        objects = extract_objects(cfg.out, cfg.connectivity, client, require_complete=False)
+        timings["objects"] = objects["seconds"]
     t2 = time.perf_counter()
     timings.update(pyramid=round(t1 - t0, 3), preview=round(t2 - t1, 3),
                    read=_sum(results, "read_s"), compute=_sum(results, "compute_s"),
@@ -430,7 +443,7 @@ def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None,
         uris={"result": join(cfg.out, RESULT), "mask": join(cfg.out, RESULT, "labels/mask"),
               "probabilities": join(cfg.out, RESULT), "report": join(cfg.out, "report.json"),
               "preview": join(cfg.out, "preview.png"), "levels": str(levels)},
-        warnings=p.warnings,
+        warnings=p.warnings, objects=objects,
     )
     write_bytes_atomic(join(cfg.out, "report.json"), report.model_dump_json(indent=2).encode())
     write_bytes_atomic(join(cfg.out, "COMPLETE"), json.dumps(

@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("segcore.cli.evaluate", "score a checkpoint on labelled data"),
     "watch": ("segcore.cli.watch", "announce new scenes under a prefix as Prefect events"),
     "export": ("segcore.cli.export", "write a result's mask as a tiled GeoTIFF (QGIS, GDAL)"),
+    "objects": ("segcore.cli.objects", "objects with global ids across shards, and their table"),
 }
 
 

@@ -37,6 +37,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="run the model on every tile, foreground or not")
     p.add_argument("--prob-dtype", default="uint8", choices=["uint8", "float16"])
     p.add_argument("--shards-per-task", type=int, default=4)
+    p.add_argument("--objects", action="store_true",
+                   help="also find objects (instances with global ids across shards) and write "
+                        "objects.parquet/.csv; counts go into the report")
+    p.add_argument("--connectivity", type=int, choices=(4, 8), default=4,
+                   help="objects: pixels touch by an edge (4) or also by a corner (8)")
     add_cluster_args(p)
 
 
@@ -49,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
                     level=args.level, mpp=args.mpp, tile=tile, halo=halo, compile=args.compile,
                     batch=args.batch, device=args.device, amp=args.amp,
                     foreground=args.foreground, skip_background=not args.no_skip_background,
-                    blend=args.blend, prob_dtype=args.prob_dtype, shards_per_task=args.shards_per_task)
+                    blend=args.blend, prob_dtype=args.prob_dtype, shards_per_task=args.shards_per_task,
+                    objects=args.objects, connectivity=args.connectivity)
     with client_from_args(args) as (client, resources):
         report = segment(cfg, client=client, resources=resources, progress=not args.quiet)
     for w in report.warnings:

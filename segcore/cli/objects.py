@@ -1,0 +1,28 @@
+"""`segcore objects OUT [--connectivity 4|8]`: instances with global ids, and a table per
+object, from a finished 'segcore segment' run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from segcore.cli.common import add_cluster_args, client_from_args
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="output prefix of a finished 'segcore segment' run")
+    p.add_argument("--connectivity", type=int, choices=(4, 8), default=4,
+                   help="pixels of one object touch by an edge (4, as scipy.ndimage.label) or "
+                        "also by a corner (8)")
+    add_cluster_args(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from segcore.objects import extract_objects
+
+    with client_from_args(args) as (client, _):
+        summary = extract_objects(args.out, connectivity=args.connectivity, client=client,
+                                  progress=not args.quiet)
+    print(json.dumps({k: summary[k] for k in ("objects", "per_class", "files", "instances")},
+                     indent=2))
+    return 0
