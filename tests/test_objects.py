@@ -206,3 +206,103 @@ def test_objects_on_s3_with_a_dask_cluster(tmp_path, s3_server):
     t = pq.read_table(io.BytesIO(read_bytes(out + "/objects.parquet")))
     assert t.num_rows == n and t.column("area_px").to_pylist() == list(
         np.bincount(inst.ravel())[1:])
+
+
+def _geo_scene(path, m, pixel=0.5, origin=(500000.0, 4200000.0)):
+    """RGB GeoTIFF in EPSG:32616 (UTM 16N), north-up, ``pixel`` m, channel 0 = the mask."""
+    img = np.zeros((*m.shape, 3), np.uint8)
+    img[..., 0] = np.where(m, 255, 0)
+    keys = [1, 1, 0, 4, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32616, 3076, 0, 1, 9001]
+    tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb", metadata=None, extratags=[
+        (33550, "d", 3, (pixel, pixel, 0.0), True),
+        (33922, "d", 6, (0.0, 0.0, 0.0, *origin, 0.0), True),
+        (34735, "H", len(keys), keys, True)])
+
+
+def test_polygons_one_per_object_exact_and_exports(tmp_path):
+    import json
+
+    import geopandas as gpd
+    import shapely
+
+    from segcore.objects import extract_objects
+    from segcore.objects.vectors import export_vectors
+    from segcore.pipeline import SegmentConfig, segment
+
+    m = _blobs(300, 390, seed=4)
+    m[140:190, 10:70] = False
+    m[150:180, 20:60] = True
+    m[160:170, 30:40] = False  # an object with a hole
+    _geo_scene(tmp_path / "g.tif", m)
+    out = str(tmp_path / "out")
+    segment(SegmentConfig(src=str(tmp_path / "g.tif"), out=out, tile=128, skip_background=False,
+                          model=_threshold_model(tmp_path / "m.safetensors")), progress=False)
+    summary = extract_objects(out, connectivity=4)
+    n = ndimage.label(m)[1]
+    assert summary["objects"] == n and any(f.endswith("polygons.parquet") for f in
+                                           summary["files"])
+    inst = zarr.open_group(f"{out}/result.zarr", mode="r")["labels/instances/0"][:]
+    poly = gpd.read_parquet(f"{out}/polygons.parquet")
+    assert len(poly) == n and poly.crs is None
+    assert shapely.is_valid(poly.geometry.values).all()
+    # pixel-exact: every polygon's area is its pixel count, and it covers exactly its pixels
+    assert np.array_equal(poly.geometry.area.to_numpy(), poly["area_px"].to_numpy())
+    corner = int(inst[130, 130])
+    g = poly.geometry[poly["id"] == corner].iloc[0]
+    assert g.geom_type == "Polygon" and g.area == (inst == corner).sum()  # one polygon, 4 shards
+    holed = poly.geometry[poly["id"] == int(inst[150, 20])].iloc[0]
+    assert len(holed.interiors) == 1 and holed.area == 30 * 40 - 10 * 10
+    probe = shapely.points(np.array([[x + 0.5, y + 0.5] for y, x in zip(*np.nonzero(inst), strict=True)]))
+    ids = inst[np.nonzero(inst)]
+    inside = shapely.contains(poly.geometry.values[ids - 1], probe)
+    assert inside.all()
+
+    # QuPath: detections with classification and measurements inside properties, pixel coords
+    qp = json.loads(open(export_vectors(out, "qupath")).read())
+    assert qp["type"] == "FeatureCollection" and len(qp["features"]) == n
+    f0 = qp["features"][0]
+    assert f0["properties"]["objectType"] == "detection"
+    assert f0["properties"]["classification"]["name"] == "foreground"
+    assert f0["properties"]["measurements"]["Area px"] == poly["area_px"].iloc[0]
+    assert len(f0["id"]) == 36 and len({f["id"] for f in qp["features"]}) == n
+    again = json.loads(open(export_vectors(out, "qupath", dst=str(tmp_path / "b.json"))).read())
+    assert [f["id"] for f in again["features"]] == [f["id"] for f in qp["features"]]  # stable
+
+    # GeoPackage and GeoParquet in the source CRS, areas in m^2
+    for fmt in ("gpkg", "geoparquet"):
+        path = export_vectors(out, fmt)
+        frame = gpd.read_file(path) if fmt == "gpkg" else gpd.read_parquet(path)
+        assert frame.crs.to_epsg() == 32616 and len(frame) == n
+        assert np.allclose(frame.geometry.area.to_numpy(), poly["area_px"].to_numpy() * 0.25)
+        row = poly[poly["id"] == corner].iloc[0]
+        assert frame.geometry[frame["id"] == corner].iloc[0].bounds == pytest.approx((
+            500000 + row.bbox_x0 * 0.5, 4200000 - row.bbox_y1 * 0.5,
+            500000 + row.bbox_x1 * 0.5, 4200000 - row.bbox_y0 * 0.5))
+    # RFC 7946 GeoJSON in WGS84: UTM 16N near 500 km east lies near 87 W
+    gj = json.loads(open(export_vectors(out, "geojson")).read())
+    lon, lat = np.array(shapely.geometry.shape(gj["features"][0]["geometry"]).centroid.coords)[0]
+    assert -87.5 < lon < -86.5 and 37 < lat < 38.5 and "crs" not in gj
+
+
+def test_vector_exports_refuse_what_they_cannot_do(tmp_path):
+    import subprocess
+    import sys
+
+    from segcore.errors import InputError
+    from segcore.objects import extract_objects
+    from segcore.objects.vectors import export_vectors
+
+    m = np.zeros((140, 140), bool)
+    m[10:20, 10:20] = True
+    out, _ = _segment(tmp_path, m)
+    with pytest.raises(InputError, match="segcore objects"):
+        export_vectors(out, "qupath")
+    extract_objects(out)
+    with pytest.raises(InputError, match="no CRS"):
+        export_vectors(out, "geojson")
+    r = subprocess.run([sys.executable, "-m", "segcore", "export", out, "--to", "qupath"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("objects.qupath.geojson")
+    r = subprocess.run([sys.executable, "-m", "segcore", "export", out, "--to", "geojson"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "no CRS" in r.stderr and "Traceback" not in r.stderr

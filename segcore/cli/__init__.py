@@ -21,7 +21,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("segcore.cli.train", "train a model on image/mask pairs"),
     "evaluate": ("segcore.cli.evaluate", "score a checkpoint on labelled data"),
     "watch": ("segcore.cli.watch", "announce new scenes under a prefix as Prefect events"),
-    "export": ("segcore.cli.export", "write a result's mask as a tiled GeoTIFF (QGIS, GDAL)"),
+    "export": ("segcore.cli.export", "the mask as a GeoTIFF, or the objects as QuPath GeoJSON, "
+               "GeoPackage, GeoParquet or WGS84 GeoJSON"),
     "objects": ("segcore.cli.objects", "objects with global ids across shards, and their table"),
 }
 

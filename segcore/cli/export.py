@@ -1,4 +1,5 @@
-"""`segcore export OUT [--level N] [--dst PATH]`: the mask as a GeoTIFF for QGIS/GDAL."""
+"""`segcore export OUT [--to FORMAT] [--dst PATH]`: the mask as a GeoTIFF for QGIS/GDAL
+(default), or the objects as QuPath GeoJSON, GeoPackage, GeoParquet or WGS84 GeoJSON."""
 
 from __future__ import annotations
 
@@ -7,14 +8,29 @@ import argparse
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output prefix of a finished 'segcore segment' run")
+    p.add_argument("--to", default="geotiff",
+                   choices=["geotiff", "qupath", "gpkg", "geoparquet", "geojson"],
+                   help="geotiff: the mask (QGIS, GDAL); qupath: objects as QuPath GeoJSON "
+                        "(pixels); gpkg / geoparquet: objects in the scene's CRS; geojson: "
+                        "objects in WGS84 (RFC 7946). Object formats need 'segcore objects' "
+                        "(or segment --objects) first")
     p.add_argument("--level", type=int, default=0,
-                   help="pyramid level of the mask (0 = full resolution; each level halves)")
+                   help="geotiff: pyramid level of the mask (0 = full resolution)")
+    p.add_argument("--object-type", default="detection", choices=["detection", "annotation"],
+                   help="qupath: import objects as detections (cells, counted) or annotations")
     p.add_argument("--dst", default=None,
-                   help="where to write the GeoTIFF (local or s3://...; default OUT/mask.tif)")
+                   help="where to write (local or s3://...; default OUT/mask.tif or "
+                        "OUT/objects.<format>)")
 
 
 def run(args: argparse.Namespace) -> int:
     from segcore.errors import ConfigError
+
+    if args.to != "geotiff":
+        from segcore.objects.vectors import export_vectors
+
+        print(export_vectors(args.out, args.to, dst=args.dst, object_type=args.object_type))
+        return 0
     from segcore.export import export_geotiff
 
     if args.level < 0:

@@ -14,6 +14,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connectivity", type=int, choices=(4, 8), default=4,
                    help="pixels of one object touch by an edge (4, as scipy.ndimage.label) or "
                         "also by a corner (8)")
+    p.add_argument("--no-polygons", action="store_true",
+                   help="skip the polygons (polygons.parquet; needed by the object exports)")
+    p.add_argument("--simplify", type=float, default=0.0,
+                   help="simplify polygons by this tolerance in pixels (0 = pixel-exact)")
     add_cluster_args(p)
 
 
@@ -22,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
 
     with client_from_args(args) as (client, _):
         summary = extract_objects(args.out, connectivity=args.connectivity, client=client,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, polygons=not args.no_polygons,
+                                  simplify=args.simplify)
     print(json.dumps({k: summary[k] for k in ("objects", "per_class", "files", "instances")},
                      indent=2))
     return 0

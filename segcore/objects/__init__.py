@@ -33,6 +33,8 @@ class _Pass:
     connectivity: int
     lut: np.ndarray | None = None  # pass 2: local id -> object id
     ring: tuple | None = None  # pass 2: neighbours' object ids along (top, bottom, left, right)
+    shared: tuple[bool, bool, bool, bool] = (False, False, False, False)  # edges with neighbours
+    polygons: bool = True
 
 
 def _root(out: str, mode: str = "r"):
@@ -74,6 +76,12 @@ def _measure_task(t: _Pass) -> list[dict]:
     write_block(root[f"labels/{INSTANCES}/0"], r.y0, r.x0, inst)
     if n == 0:
         return [{"i": (r.row, r.col), "ids": np.zeros(0, np.uint32), "pixels": mask.size}]
+    whole, parts = [], []
+    if t.polygons:
+        from segcore.objects.polygons import shard_polygons
+
+        whole, parts = shard_polygons(inst, r, dict(zip(("top", "bottom", "left", "right"),
+                                                        t.shared, strict=True)))
     idx = np.arange(1, n + 1)
     flat = local.ravel()
     area = np.bincount(flat, minlength=n + 1)[1:]
@@ -100,7 +108,7 @@ def _measure_task(t: _Pass) -> list[dict]:
     perim = np.bincount(flat, weights=sides.ravel(), minlength=n + 1)[1:]
     return [{"i": (r.row, r.col), "ids": t.lut[idx], "area": area, "sum_y": sum_y,
              "sum_x": sum_x, "bbox": bbox, "psum": psum, "pmax": pmax, "perim": perim,
-             "pixels": mask.size}]
+             "whole": whole, "parts": parts, "pixels": mask.size}]
 
 
 def _ring(ref: ShardRef, at: dict, strips: list[dict], luts: list[np.ndarray],
@@ -155,7 +163,8 @@ def _pyramid_task(args) -> list:
 
 
 def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool = False,
-                    require_complete: bool = True) -> dict:
+                    require_complete: bool = True, polygons: bool = True,
+                    simplify: float = 0.0) -> dict:
     """Instances, table and summary for the finished result at ``out`` (see module doc).
     ``require_complete=False`` is for ``segment`` itself, before it writes COMPLETE."""
     from segcore.execute import run_tasks
@@ -183,7 +192,9 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
     luts, obj_class = merge(refs, counts, [d["classes"] for d in first], strips, connectivity)
     t1 = time.perf_counter()
     specs = [_Pass(out, r, n_classes, connectivity, luts[i],
-                   _ring(r, at, strips, luts, height, width)) for i, r in enumerate(refs)]
+                   _ring(r, at, strips, luts, height, width),
+                   (r.row > 0, r.y1 < height, r.col > 0, r.x1 < width), polygons)
+             for i, r in enumerate(refs)]
     parts = run_tasks(_measure_task, specs, client, None, progress, "objects: measure",
                       lambda s: 1)
     grp = root[f"labels/{INSTANCES}"]
@@ -195,6 +206,12 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
                   client, None, False, f"objects: level {lv}", lambda s: 1)
     table = build_table(parts, obj_class, class_names, attrs)
     files = write_table(table, out)
+    if polygons:
+        from segcore.objects.polygons import assemble
+        from segcore.objects.vectors import write_polygons
+
+        geoms = assemble(parts, len(obj_class) - 1)
+        files.append(write_polygons(geoms[1:], table, out, simplify))
     n_obj = len(table["id"])
     per_class = {class_names[k] if k < len(class_names) else str(k):
                  int((table["class_index"] == k).sum()) for k in range(1, n_classes)}
