@@ -60,6 +60,10 @@ def report_markdown(scene_id: str, report: dict[str, Any], status: str,
     if scene:
         rows.append(("scene", f"{scene.get('height')} x {scene.get('width')} x "
                      f"{scene.get('channels')} ({scene.get('format')})"))
+    objects = report.get("objects") or {}
+    if objects:
+        rows.append(("objects", objects.get("objects")))
+        rows += [(f"objects: {name}", n) for name, n in (objects.get("per_class") or {}).items()]
     lines = [f"# segcore scene `{scene_id}`", "", "| field | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in rows]
     uris = report.get("uris") or {}

@@ -110,7 +110,8 @@ def _tiles(arr, tile: int) -> Iterator[np.ndarray]:
             yield block
 
 
-def export_geotiff(out_prefix: str, dst: str | None = None, level: int = 0) -> str:
+def export_geotiff(out_prefix: str, dst: str | None = None, level: int = 0,
+                   require_complete: bool = True) -> str:
     """Write the mask of the result under ``out_prefix`` (pyramid ``level``) as a tiled,
     deflate-compressed GeoTIFF at ``dst`` (default ``<out_prefix>/mask.tif``; local or any
     fsspec URI). Returns ``dst``. Memory is bounded by one tile; the file appears whole or not
@@ -119,10 +120,7 @@ def export_geotiff(out_prefix: str, dst: str | None = None, level: int = 0) -> s
 
     from segcore.io.zarrstore import open_group
 
-    if not exists(join(out_prefix, "COMPLETE")):
-        raise IncompleteResultError(
-            f"{out_prefix}: no COMPLETE marker: the segmentation did not finish; run "
-            "'segcore segment' to completion before exporting")
+    _check_complete(out_prefix, require_complete)
     root = open_group(join(out_prefix, RESULT), mode="r")
     mask_group = root["labels/mask"]
     levels = sorted(int(k) for k in mask_group.array_keys() if k.isdigit())
@@ -171,3 +169,135 @@ def export_geotiff(out_prefix: str, dst: str | None = None, level: int = 0) -> s
 
 
 __all__ = ["export_geotiff", "geotiff_tags", "level_geo"]
+
+
+def export_cog(out_prefix: str, dst: str | None = None, require_complete: bool = True) -> str:
+    """The level-0 mask as a Cloud-Optimized GeoTIFF at ``dst`` (default
+    ``<out_prefix>/mask.cog.tif``): GDAL's COG driver (through rasterio) over the tiled
+    GeoTIFF :func:`export_geotiff` streams out: 512-px internal blocks, deflate, overviews
+    by nearest neighbour (classes stay classes), the palette, the scene's CRS and transform,
+    and nodata 255 (never a class). Returns ``dst``; it appears whole or not at all."""
+    import rasterio
+    import rasterio.shutil
+
+    dst = dst or join(out_prefix, "mask.cog.tif")
+    with tempfile.TemporaryDirectory(prefix="segcore-cog-") as tmp:
+        src = export_geotiff(out_prefix, dst=os.path.join(tmp, "mask.tif"), level=0,
+                             require_complete=require_complete)
+        cog = os.path.join(tmp, "mask.cog.tif")
+        with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"):
+            with rasterio.open(src, "r+") as ds:
+                ds.nodata = 255
+            rasterio.shutil.copy(src, cog, driver="COG", BLOCKSIZE=512, COMPRESS="DEFLATE",
+                                 OVERVIEW_RESAMPLING="NEAREST", BIGTIFF="IF_SAFER")
+        _publish_file(cog, dst)
+    return dst
+
+
+def _publish_file(local: str, dst: str) -> None:
+    """Move a finished local file to ``dst`` (rename locally, one upload remotely)."""
+    import shutil
+
+    if is_local(dst):
+        path = dst[len("file://"):] if dst.startswith("file://") else dst
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, path)
+        return
+    fs, rpath = get_fs(dst)
+    try:
+        fs.put_file(local, rpath)
+    except OSError as e:
+        raise StorageError(f"{dst}: upload failed: {e}") from e
+
+
+def _check_complete(out_prefix: str, required: bool) -> None:
+    """Exports read finished results only (``segment`` itself exports just before COMPLETE)."""
+    if required and not exists(join(out_prefix, "COMPLETE")):
+        raise IncompleteResultError(
+            f"{out_prefix}: no COMPLETE marker: the segmentation did not finish; run "
+            "'segcore segment' to completion before exporting")
+
+
+def _plane_tiles(arr, tile: int) -> Iterator[np.ndarray]:
+    """Tiles of every plane of a (y, x) or (c, y, x) array, plane after plane."""
+    if arr.ndim == 2:
+        yield from _tiles(arr, tile)
+        return
+
+    class _Plane:
+        def __init__(self, c: int) -> None:
+            self.c, self.shape = c, arr.shape[1:]
+
+        def __getitem__(self, idx):
+            return arr[(self.c, *idx)]
+
+    for c in range(arr.shape[0]):
+        yield from _tiles(_Plane(c), tile)
+
+
+def export_ome_tiff(out_prefix: str, dst: str | None = None, what: str = "mask",
+                    require_complete: bool = True) -> str:
+    """The mask (or the probabilities, ``what='probabilities'``) as a pyramidal OME-TIFF
+    (tifffile): BigTIFF, 512-px tiles, deflate, every pyramid level of the result as a SubIFD
+    of the full-resolution image, and the physical pixel size in the OME-XML and the TIFF
+    resolution tags, as QuPath and Bio-Formats read them. Streams tile by tile."""
+    import tifffile
+
+    from segcore.io.zarrstore import open_group
+
+    if what not in ("mask", "probabilities"):
+        raise InputError(f"what={what!r}: use 'mask' or 'probabilities'")
+    _check_complete(out_prefix, require_complete)
+    root = open_group(join(out_prefix, RESULT), mode="r")
+    grp = root["labels/mask"] if what == "mask" else root
+    arrs = [grp[str(lv)] for lv in sorted(int(k) for k in grp.array_keys() if k.isdigit())]
+    attrs = dict(root.attrs.get("segcore") or {})
+    size, unit = attrs.get("pixel_size"), attrs.get("pixel_unit")
+    axes = "YX" if arrs[0].ndim == 2 else "CYX"
+    meta: dict[str, Any] = {"axes": axes, "Name": f"segcore {what}"}
+    res = {}
+    if size and unit in ("micrometer", "meter"):
+        meta.update(PhysicalSizeX=size, PhysicalSizeY=size,
+                    PhysicalSizeXUnit="µm" if unit == "micrometer" else "m",
+                    PhysicalSizeYUnit="µm" if unit == "micrometer" else "m")
+        per_cm = 1e4 / size if unit == "micrometer" else 1e-2 / size
+        res = {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
+    dst = dst or join(out_prefix, f"{what}.ome.tif")
+    with tempfile.TemporaryDirectory(prefix="segcore-ometiff-") as tmp:
+        path = os.path.join(tmp, "x.ome.tif")
+        opts = {"dtype": arrs[0].dtype, "tile": (TIFF_TILE, TIFF_TILE), "compression": "zlib",
+                "compressionargs": {"level": 6}, "photometric": "minisblack"}
+        with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+            tif.write(data=_plane_tiles(arrs[0], TIFF_TILE), shape=arrs[0].shape,
+                      subifds=len(arrs) - 1, metadata=meta, **res, **opts)
+            for lv, a in enumerate(arrs[1:], start=1):
+                lres = {"resolution": (res["resolution"][0] / 2**lv,
+                                       res["resolution"][1] / 2**lv),
+                        "resolutionunit": "CENTIMETER"} if res else {}
+                tif.write(data=_plane_tiles(a, TIFF_TILE), shape=a.shape, subfiletype=1,
+                          metadata=None, **lres, **opts)
+        _publish_file(path, dst)
+    return dst
+
+
+EXPORTS = ("geotiff", "cog", "ome-tiff", "qupath", "gpkg", "geoparquet", "geojson")
+VECTOR_EXPORTS = ("qupath", "gpkg", "geoparquet", "geojson")
+
+
+def export(out_prefix: str, fmt: str, dst: str | None = None, require_complete: bool = True
+           ) -> str:
+    """One registry for every export format (``EXPORTS``); returns the file written."""
+    if fmt == "geotiff":
+        return export_geotiff(out_prefix, dst, require_complete=require_complete)
+    if fmt == "cog":
+        return export_cog(out_prefix, dst, require_complete=require_complete)
+    if fmt == "ome-tiff":
+        return export_ome_tiff(out_prefix, dst, require_complete=require_complete)
+    if fmt in VECTOR_EXPORTS:
+        from segcore.objects.vectors import export_vectors
+
+        return export_vectors(out_prefix, fmt, dst)
+    raise InputError(f"export {fmt!r}: choose one of {', '.join(EXPORTS)}")

@@ -73,6 +73,17 @@ class SegmentConfig(Frozen):
                           "across shards) and write their table; counts go into the report")
     connectivity: Literal[4, 8] = Field(4, description="objects: pixels touch by an edge (4) "
                                         "or also by a corner (8)")
+    exports: tuple[Literal["geotiff", "cog", "ome-tiff", "qupath", "gpkg", "geoparquet",
+                           "geojson"], ...] = Field((), description="files to write beside the "
+                                                    "result (object formats need objects)")
+
+    @model_validator(mode="after")
+    def _exports_need_objects(self):
+        vector = [e for e in self.exports if e in ("qupath", "gpkg", "geoparquet", "geojson")]
+        if vector and not self.objects:
+            raise ValueError(f"exports {', '.join(vector)} are object formats: set objects=True "
+                             "(--objects) as well")
+        return self
 
     @field_validator("tile")
     @classmethod
@@ -317,7 +328,9 @@ def prepare(p: ScenePlan) -> str:
         if old.get("signature") == p.signature:
             return "complete" if is_complete(cfg.out) else "resume"
     for name in ("COMPLETE", "report.json", "plan.json", "shards", RESULT, "preview.png",
-                 "objects.json", "objects.parquet", "objects.csv"):
+                 "objects.json", "objects.parquet", "objects.csv", "polygons.parquet",
+                 "mask.tif", "mask.cog.tif", "mask.ome.tif", "objects.qupath.geojson",
+                 "objects.gpkg", "objects.geoparquet.parquet", "objects.wgs84.geojson"):
         _rm(cfg.out, name)
     n_levels = p.n_levels
     shards = list(p.level_shards)
@@ -419,6 +432,11 @@ def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None,
 
         objects = extract_objects(cfg.out, cfg.connectivity, client, require_complete=False)
         timings["objects"] = objects["seconds"]
+    exports = {}
+    for fmt in cfg.exports:
+        from segcore.export import export
+
+        exports[fmt] = export(cfg.out, fmt, require_complete=False)
     t2 = time.perf_counter()
     timings.update(pyramid=round(t1 - t0, 3), preview=round(t2 - t1, 3),
                    read=_sum(results, "read_s"), compute=_sum(results, "compute_s"),
@@ -442,7 +460,8 @@ def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None,
         versions=_versions(),
         uris={"result": join(cfg.out, RESULT), "mask": join(cfg.out, RESULT, "labels/mask"),
               "probabilities": join(cfg.out, RESULT), "report": join(cfg.out, "report.json"),
-              "preview": join(cfg.out, "preview.png"), "levels": str(levels)},
+              "preview": join(cfg.out, "preview.png"), "levels": str(levels),
+              **{f"export:{k}": v for k, v in exports.items()}},
         warnings=p.warnings, objects=objects,
     )
     write_bytes_atomic(join(cfg.out, "report.json"), report.model_dump_json(indent=2).encode())

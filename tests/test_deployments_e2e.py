@@ -206,6 +206,10 @@ def test_event_triggered_deployment_segments_an_arrived_scene(prefect_server, s3
             assert exists(f"{res}/{name}"), name
         report = json.loads(read_bytes(f"{res}/report.json"))
         assert report["src"] == scene_uri and report["tiles_total"] >= 1
+        # prefect.yaml's options: objects and the exports, listed in the report
+        assert report["objects"]["objects"] >= 0
+        for fmt, name in (("qupath", "objects.qupath.geojson"), ("cog", "mask.cog.tif")):
+            assert report["uris"][f"export:{fmt}"].endswith(name) and exists(f"{res}/{name}")
         # exactly one run: the event fired once and the flow's own events do not retrigger it
         assert len(client_runs(env)) == 1
     finally:

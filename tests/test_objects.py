@@ -154,7 +154,8 @@ def test_cli_segment_objects_and_objects_verb(tmp_path):
     model = _threshold_model(tmp_path / "m.safetensors")
     seg = [sys.executable, "-m", "segcore", "segment", str(tmp_path / "s.tif"),
            str(tmp_path / "out"), "--model", model, "--tile", "128", "--workers", "0",
-           "--no-skip-background", "--quiet", "--objects", "--connectivity", "8"]
+           "--no-skip-background", "--quiet", "--objects", "--connectivity", "8",
+           "--export", "qupath", "--export", "cog"]
     r = subprocess.run(seg, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     rep = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -162,6 +163,15 @@ def test_cli_segment_objects_and_objects_verb(tmp_path):
     assert rep["objects"]["objects"] == n and rep["objects"]["per_class"] == {"foreground": n}
     assert rep["objects"]["connectivity"] == 8 and "objects" in rep["timings"]
     assert (tmp_path / "out" / "objects.parquet").exists()
+    assert rep["uris"]["export:qupath"].endswith("objects.qupath.geojson")
+    assert rep["uris"]["export:cog"].endswith("mask.cog.tif")
+    assert (tmp_path / "out" / "mask.cog.tif").exists()
+    assert len(json.loads((tmp_path / "out" / "objects.qupath.geojson").read_text())[
+        "features"]) == n
+    # an object format without objects is refused at the boundary, before any output
+    r = subprocess.run([*seg[:5], str(tmp_path / "o2"), *seg[6:12], "--export", "gpkg"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "objects" in r.stderr and not (tmp_path / "o2").exists()
     # the verb on the finished result, 4-connected this time
     r = subprocess.run([sys.executable, "-m", "segcore", "objects", str(tmp_path / "out"),
                         "--workers", "0", "--quiet"], capture_output=True, text=True, timeout=300)
@@ -306,3 +316,59 @@ def test_vector_exports_refuse_what_they_cannot_do(tmp_path):
     r = subprocess.run([sys.executable, "-m", "segcore", "export", out, "--to", "geojson"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no CRS" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_flow_artifact_lists_object_counts():
+    from flows.common import report_markdown
+
+    md = report_markdown("s1", {"src": "a.tif", "objects": {"objects": 12, "per_class": {
+        "nucleus": 10, "gland": 2}}}, "completed")
+    assert "| objects | `12` |" in md and "| objects: nucleus | `10` |" in md
+    assert "objects" not in report_markdown("s1", {"src": "a.tif"}, "completed")
+
+
+def test_cog_of_the_mask_is_valid_with_crs_overviews_and_nodata(tmp_path):
+    import rasterio
+    from rio_cogeo.cogeo import cog_validate
+
+    from segcore.export import export_cog
+    from segcore.pipeline import SegmentConfig, segment
+
+    rng = np.random.default_rng(5)
+    m = ndimage.gaussian_filter(rng.random((1100, 1300)), 4) > 0.52
+    _geo_scene(tmp_path / "g.tif", m)
+    out = str(tmp_path / "out")
+    segment(SegmentConfig(src=str(tmp_path / "g.tif"), out=out, tile=512, skip_background=False,
+                          model=_threshold_model(tmp_path / "m.safetensors")), progress=False)
+    dst = export_cog(out)
+    valid, errors, _ = cog_validate(dst)
+    assert valid, errors
+    with rasterio.open(dst) as ds:
+        assert ds.crs.to_epsg() == 32616 and ds.nodata == 255
+        assert ds.transform.a == 0.5 and ds.transform.e == -0.5
+        assert (ds.transform.c, ds.transform.f) == (500000.0, 4200000.0)
+        assert ds.block_shapes == [(512, 512)] and len(ds.overviews(1)) >= 1
+        assert np.array_equal(ds.read(1), m.astype(np.uint8))
+        ov = ds.read(1, out_shape=(ds.height // 2, ds.width // 2))
+        assert set(np.unique(ov)) <= {0, 1}  # nearest: classes stay classes
+
+
+def test_pyramidal_ome_tiff_with_physical_size(tmp_path):
+    from segcore.export import export_ome_tiff
+
+    rng = np.random.default_rng(6)
+    m = ndimage.gaussian_filter(rng.random((700, 900)), 3) > 0.52
+    out, rep = _segment(tmp_path, m, pixel_size=0.25)
+    root = zarr.open_group(f"{out}/result.zarr", mode="r")
+    for what, grp in (("mask", root["labels/mask"]), ("probabilities", root)):
+        dst = export_ome_tiff(out, what=what)
+        with tifffile.TiffFile(dst) as tif:
+            assert tif.is_ome and tif.is_bigtiff
+            s = tif.series[0]
+            n_levels = len([k for k in grp.array_keys() if k.isdigit()])
+            assert len(s.levels) == n_levels >= 2
+            assert np.array_equal(s.levels[0].asarray().reshape(grp["0"].shape), grp["0"][:])
+            assert np.array_equal(s.levels[1].asarray().reshape(grp["1"].shape), grp["1"][:])
+            assert tif.pages[0].is_tiled and tif.pages[0].tilewidth == 512
+            assert 'PhysicalSizeX="0.25"' in tif.ome_metadata
+            assert 'PhysicalSizeXUnit="µm"' in tif.ome_metadata

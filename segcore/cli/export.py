@@ -9,13 +9,18 @@ import argparse
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="output prefix of a finished 'segcore segment' run")
     p.add_argument("--to", default="geotiff",
-                   choices=["geotiff", "qupath", "gpkg", "geoparquet", "geojson"],
-                   help="geotiff: the mask (QGIS, GDAL); qupath: objects as QuPath GeoJSON "
+                   choices=["geotiff", "cog", "ome-tiff", "qupath", "gpkg", "geoparquet",
+                            "geojson"],
+                   help="geotiff: the mask (QGIS, GDAL); cog: the mask as a Cloud-Optimized "
+                        "GeoTIFF (512 blocks, nearest overviews, nodata 255); ome-tiff: the mask "
+                        "(or --what probabilities) as a pyramidal OME-TIFF for QuPath; qupath: objects as QuPath GeoJSON "
                         "(pixels); gpkg / geoparquet: objects in the scene's CRS; geojson: "
                         "objects in WGS84 (RFC 7946). Object formats need 'segcore objects' "
                         "(or segment --objects) first")
     p.add_argument("--level", type=int, default=0,
                    help="geotiff: pyramid level of the mask (0 = full resolution)")
+    p.add_argument("--what", default="mask", choices=["mask", "probabilities"],
+                   help="ome-tiff: which array to write")
     p.add_argument("--object-type", default="detection", choices=["detection", "annotation"],
                    help="qupath: import objects as detections (cells, counted) or annotations")
     p.add_argument("--dst", default=None,
@@ -26,6 +31,16 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from segcore.errors import ConfigError
 
+    if args.to == "ome-tiff":
+        from segcore.export import export_ome_tiff
+
+        print(export_ome_tiff(args.out, dst=args.dst, what=args.what))
+        return 0
+    if args.to == "cog":
+        from segcore.export import export_cog
+
+        print(export_cog(args.out, dst=args.dst))
+        return 0
     if args.to != "geotiff":
         from segcore.objects.vectors import export_vectors
 

@@ -42,6 +42,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         "objects.parquet/.csv; counts go into the report")
     p.add_argument("--connectivity", type=int, choices=(4, 8), default=4,
                    help="objects: pixels touch by an edge (4) or also by a corner (8)")
+    p.add_argument("--export", action="append", default=[], metavar="FORMAT",
+                   choices=["geotiff", "cog", "ome-tiff", "qupath", "gpkg", "geoparquet",
+                            "geojson"],
+                   help="also write this export beside the result (repeatable); object "
+                        "formats (qupath, gpkg, geoparquet, geojson) need --objects")
     add_cluster_args(p)
 
 
@@ -55,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
                     batch=args.batch, device=args.device, amp=args.amp,
                     foreground=args.foreground, skip_background=not args.no_skip_background,
                     blend=args.blend, prob_dtype=args.prob_dtype, shards_per_task=args.shards_per_task,
-                    objects=args.objects, connectivity=args.connectivity)
+                    objects=args.objects, connectivity=args.connectivity,
+                    exports=tuple(args.export))
     with client_from_args(args) as (client, resources):
         report = segment(cfg, client=client, resources=resources, progress=not args.quiet)
     for w in report.warnings:
