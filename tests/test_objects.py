@@ -372,3 +372,21 @@ def test_pyramidal_ome_tiff_with_physical_size(tmp_path):
             assert tif.pages[0].is_tiled and tif.pages[0].tilewidth == 512
             assert 'PhysicalSizeX="0.25"' in tif.ome_metadata
             assert 'PhysicalSizeXUnit="µm"' in tif.ome_metadata
+
+
+def test_object_f1_and_aji_on_hand_made_maps():
+    from segcore.objects.metrics import aji, object_f1
+
+    truth = np.zeros((10, 10), int)
+    truth[0:4, 0:4] = 1  # 16 px
+    truth[6:10, 6:10] = 2  # 16 px
+    truth[0:2, 8:10] = 3  # 4 px, missed
+    pred = np.zeros((10, 10), int)
+    pred[0:4, 0:3] = 5  # 12 px inside object 1: IoU 0.75
+    pred[6:10, 6:8] = 7  # 8 px: IoU 0.5 with object 2 (not > 0.5)
+    pred[8:10, 0:2] = 9  # 4 px false positive
+    s = object_f1(truth, pred)
+    assert (s["tp"], s["fp"], s["fn"]) == (1, 2, 2) and s["f1"] == pytest.approx(2 / 6)
+    # AJI: (12 + 8 + 0) / (16 + 16 + 4 + 4) = 0.5
+    assert aji(truth, pred) == pytest.approx(20 / 40)
+    assert aji(truth, truth) == 1.0 and object_f1(truth, truth)["f1"] == 1.0
