@@ -103,19 +103,16 @@ def merge(refs: list[ShardRef], counts: list[int], classes: list[np.ndarray],
             qs.append(offsets[j] + b[ok].astype(np.int64) - 1)
 
     for i, r in enumerate(refs):
-        right, below = at.get((r.row, r.col + 1)), at.get((r.row + 1, r.col))
-        if right is not None:
-            a, b = strips[i]["right"], strips[right]["left"]
-            link(i, a, right, b)
+        # the shared edge with the right and the lower neighbour (8: also its diagonals)
+        for dr, dc, mine, theirs in ((0, 1, "right", "left"), (1, 0, "bottom", "top")):
+            j = at.get((r.row + dr, r.col + dc))
+            if j is None:
+                continue
+            a, b = strips[i][mine], strips[j][theirs]
+            link(i, a, j, b)
             if connectivity == 8:
-                link(i, a[:-1], right, b[1:])
-                link(i, a[1:], right, b[:-1])
-        if below is not None:
-            a, b = strips[i]["bottom"], strips[below]["top"]
-            link(i, a, below, b)
-            if connectivity == 8:
-                link(i, a[:-1], below, b[1:])
-                link(i, a[1:], below, b[:-1])
+                link(i, a[:-1], j, b[1:])
+                link(i, a[1:], j, b[:-1])
         if connectivity == 8:
             diag = at.get((r.row + 1, r.col + 1))
             if diag is not None:
