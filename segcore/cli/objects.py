@@ -1,4 +1,4 @@
-"""`segcore objects OUT [--connectivity 4|8]`: instances with global ids, and a table per
+"""`segcore objects OUT [--connectivity 4|8] [--grow N]`: instances with global ids, and a table per
 object, from a finished 'segcore segment' run."""
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connectivity", type=int, choices=(4, 8), default=4,
                    help="pixels of one object touch by an edge (4, as scipy.ndimage.label) or "
                         "also by a corner (8)")
+    p.add_argument("--grow", type=int, default=0, metavar="N",
+                   help="objects: grow each component N px over unlabelled pixels, the surer "
+                        "object winning contested ones (a seeded watershed limited to N px, "
+                        "for models trained with --class-map instances-borders; default 0)")
+    p.add_argument("--grow-threshold", type=float, default=0.0, metavar="P",
+                   help="objects: grow only into pixels with foreground probability >= P")
     p.add_argument("--no-polygons", action="store_true",
                    help="skip the polygons (polygons.parquet; needed by the object exports)")
     p.add_argument("--simplify", type=float, default=0.0,
@@ -27,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     with client_from_args(args) as (client, _):
         summary = extract_objects(args.out, connectivity=args.connectivity, client=client,
                                   progress=not args.quiet, polygons=not args.no_polygons,
-                                  simplify=args.simplify)
+                                  simplify=args.simplify, grow=args.grow,
+                                  grow_threshold=args.grow_threshold)
     print(json.dumps({k: summary[k] for k in ("objects", "per_class", "files", "instances")},
                      indent=2))
     return 0

@@ -20,6 +20,8 @@ from segcore.io.uri import exists, join, write_bytes_atomic
 from segcore.objects.instances import INSTANCES, ShardRef, edges, label_block, merge, shard_refs
 
 RESULT = "result.zarr"
+SEEDS = "objects-seeds"  # scratch group for seeded growth, removed when the objects are done
+NODATA = 255  # the mask's nodata value (segcore.inference.NODATA_LABEL): never grown into
 COLUMNS = ("id", "class", "class_index", "area_px", "area", "perimeter_px", "perimeter",
            "centroid_x_px", "centroid_y_px", "centroid_x", "centroid_y", "bbox_x0", "bbox_y0",
            "bbox_x1", "bbox_y1", "mean_probability", "max_probability")
@@ -35,6 +37,9 @@ class _Pass:
     ring: tuple | None = None  # pass 2: neighbours' object ids along (top, bottom, left, right)
     shared: tuple[bool, bool, bool, bool] = (False, False, False, False)  # edges with neighbours
     polygons: bool = True
+    grow: int = 0  # seeded growth steps (pass 2 reads the seeds with a border of grow + 1)
+    grow_threshold: float = 0.0
+    obj_class: np.ndarray | None = None  # with grow: the class of each object id
 
 
 def _root(out: str, mode: str = "r"):
@@ -62,17 +67,72 @@ def _class_probability(prob: np.ndarray, mask: np.ndarray, encoding: str) -> np.
     return p / 255 if encoding == "uint8" else p
 
 
+def _seed_task(t: _Pass) -> list[dict]:
+    """With growth: write the shard's components under their object ids as the seeds."""
+    from segcore.io.zarrstore import write_block
+
+    root = _root(t.out, "r+")
+    r = t.ref
+    local, _, _ = label_block(root["labels/mask/0"][r.y0:r.y1, r.x0:r.x1], t.n_classes,
+                              t.connectivity)
+    write_block(root[f"{SEEDS}/0"], r.y0, r.x0, t.lut[local])
+    return []
+
+
+def _grown(t: _Pass, root, prob_enc: str) -> tuple[np.ndarray, tuple, np.ndarray]:
+    """The shard's grown instances, the object ids just outside its edges, and its stored
+    probabilities: seeds and probabilities are read with a border of ``grow + 1`` pixels so
+    the shard and its one-pixel ring are grown as in the whole image."""
+    from segcore.objects.grow import foreground_u8, grow
+
+    r = t.ref
+    seeds_arr = root[f"{SEEDS}/0"]
+    height, width = seeds_arr.shape
+    b = t.grow + 1
+    wy0, wy1, wx0, wx1 = max(0, r.y0 - b), min(height, r.y1 + b), max(0, r.x0 - b), \
+        min(width, r.x1 + b)
+    prob_w = root["0"][:, wy0:wy1, wx0:wx1]
+    g = grow(seeds_arr[wy0:wy1, wx0:wx1], foreground_u8(prob_w, prob_enc), t.grow,
+             t.grow_threshold, blocked=root["labels/mask/0"][wy0:wy1, wx0:wx1] == NODATA)
+    cy, cx = r.y0 - wy0, r.x0 - wx0
+    h, w = r.y1 - r.y0, r.x1 - r.x0
+    inst = g[cy:cy + h, cx:cx + w]
+    zero_w, zero_h = np.zeros(w, np.uint32), np.zeros(h, np.uint32)
+    ring = (g[cy - 1, cx:cx + w] if r.y0 > 0 else zero_w,
+            g[cy + h, cx:cx + w] if r.y1 < height else zero_w,
+            g[cy:cy + h, cx - 1] if r.x0 > 0 else zero_h,
+            g[cy:cy + h, cx + w] if r.x1 < width else zero_h)
+    return np.ascontiguousarray(inst), ring, prob_w[:, cy:cy + h, cx:cx + w]
+
+
 def _measure_task(t: _Pass) -> list[dict]:
-    """Relabel one shard with object ids, write it, and measure its part of each object."""
+    """Relabel one shard with object ids (grown from the seeds when ``t.grow``), write it, and
+    measure its part of each object."""
     from scipy import ndimage
 
     from segcore.io.zarrstore import write_block
 
     root = _root(t.out, "r+")
     r = t.ref
+    enc = root.attrs["segcore"].get("probability_encoding", "uint8 0-255")
+    enc = "uint8" if enc.startswith("uint8") else "float16"
     mask = root["labels/mask/0"][r.y0:r.y1, r.x0:r.x1]
-    local, n, _ = label_block(mask, t.n_classes, t.connectivity)
-    inst = t.lut[local]
+    if t.grow:
+        inst, ring, prob_raw = _grown(t, root, enc)
+        ids, inv = np.unique(inst, return_inverse=True)
+        local = inv.reshape(inst.shape).astype(np.uint32)
+        if ids.size and ids[0] == 0:
+            ids = ids[1:]
+        else:
+            local += 1
+        n = int(ids.size)
+        # a grown pixel's class is its object's (the mask there says background)
+        cls = np.where(inst > 0, t.obj_class[inst], mask).astype(np.uint8)
+    else:
+        local, n, _ = label_block(mask, t.n_classes, t.connectivity)
+        inst = t.lut[local]
+        ring, prob_raw, cls = t.ring, None, mask
+        ids = t.lut[np.arange(1, n + 1)]
     write_block(root[f"labels/{INSTANCES}/0"], r.y0, r.x0, inst)
     if n == 0:
         return [{"i": (r.row, r.col), "ids": np.zeros(0, np.uint32), "pixels": mask.size}]
@@ -91,14 +151,14 @@ def _measure_task(t: _Pass) -> list[dict]:
     boxes = ndimage.find_objects(local, max_label=n)
     bbox = np.array([[s[0].start + r.y0, s[1].start + r.x0, s[0].stop + r.y0, s[1].stop + r.x0]
                      for s in boxes], np.int64)
-    enc = root.attrs["segcore"].get("probability_encoding", "uint8 0-255")
-    prob = _class_probability(root["0"][:, r.y0:r.y1, r.x0:r.x1], mask,
-                              "uint8" if enc.startswith("uint8") else "float16")
+    if prob_raw is None:
+        prob_raw = root["0"][:, r.y0:r.y1, r.x0:r.x1]
+    prob = _class_probability(prob_raw, cls, enc)
     psum = np.bincount(flat, weights=prob.ravel(), minlength=n + 1)[1:]
     pmax = np.asarray(ndimage.maximum(prob, local, idx), np.float64).reshape(-1)
     # crack perimeter: pixel sides between the object and anything else (the image edge, the
     # background, another object), with the neighbours' ids beyond the shard's edges
-    top, bottom, left, right = t.ring
+    top, bottom, left, right = ring
     pad = np.zeros((inst.shape[0] + 2, inst.shape[1] + 2), np.uint32)
     pad[1:-1, 1:-1] = inst
     pad[0, 1:-1], pad[-1, 1:-1], pad[1:-1, 0], pad[1:-1, -1] = top, bottom, left, right
@@ -106,7 +166,7 @@ def _measure_task(t: _Pass) -> list[dict]:
     sides = ((c != pad[:-2, 1:-1]).astype(np.uint8) + (c != pad[2:, 1:-1])
              + (c != pad[1:-1, :-2]) + (c != pad[1:-1, 2:]))
     perim = np.bincount(flat, weights=sides.ravel(), minlength=n + 1)[1:]
-    return [{"i": (r.row, r.col), "ids": t.lut[idx], "area": area, "sum_y": sum_y,
+    return [{"i": (r.row, r.col), "ids": ids, "area": area, "sum_y": sum_y,
              "sum_x": sum_x, "bbox": bbox, "psum": psum, "pmax": pmax, "perim": perim,
              "whole": whole, "parts": parts, "pixels": mask.size}]
 
@@ -164,9 +224,13 @@ def _pyramid_task(args) -> list:
 
 def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool = False,
                     require_complete: bool = True, polygons: bool = True,
-                    simplify: float = 0.0) -> dict:
+                    simplify: float = 0.0, grow: int = 0,
+                    grow_threshold: float = 0.0) -> dict:
     """Instances, table and summary for the finished result at ``out`` (see module doc).
-    ``require_complete=False`` is for ``segment`` itself, before it writes COMPLETE."""
+    ``require_complete=False`` is for ``segment`` itself, before it writes COMPLETE.
+    ``grow``: seeded growth steps (:mod:`segcore.objects.grow`) into pixels with foreground
+    probability >= ``grow_threshold`` (off by default: on the nuclei data it lowered F1, see
+    docs/RESULTS.md)."""
     from segcore.execute import run_tasks
     from segcore.objects.table import build_table, units, write_table
 
@@ -182,6 +246,10 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
     sy, sx = mask0.shards
     refs = shard_refs(height, width, sy, sx)
     at = {(r.row, r.col): i for i, r in enumerate(refs)}
+    grow = int(grow or 0)
+    if grow < 0 or not 0 <= grow_threshold <= 1:
+        raise InputError(f"grow {grow}, grow threshold {grow_threshold}: use steps >= 0 and a "
+                         "probability between 0 and 1")
     _create_instances(root, root["labels/mask"])
 
     first = run_tasks(_label_task, [_Pass(out, r, n_classes, connectivity) for r in refs],
@@ -191,12 +259,23 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
     strips = [d["edges"] for d in first]
     luts, obj_class = merge(refs, counts, [d["classes"] for d in first], strips, connectivity)
     t1 = time.perf_counter()
+    if grow:
+        from segcore.io.zarrstore import create_multiscale
+
+        create_multiscale(root.require_group(SEEDS), height, width, None, "uint32", [sy],
+                          [mask0.chunks[0]], 1, None, None, name=SEEDS)
+        run_tasks(_seed_task, [_Pass(out, r, n_classes, connectivity, luts[i])
+                               for i, r in enumerate(refs)],
+                  client, None, progress, "objects: seeds", lambda s: 1)
     specs = [_Pass(out, r, n_classes, connectivity, luts[i],
-                   _ring(r, at, strips, luts, height, width),
-                   (r.row > 0, r.y1 < height, r.col > 0, r.x1 < width), polygons)
+                   None if grow else _ring(r, at, strips, luts, height, width),
+                   (r.row > 0, r.y1 < height, r.col > 0, r.x1 < width), polygons,
+                   grow, grow_threshold, obj_class if grow else None)
              for i, r in enumerate(refs)]
     parts = run_tasks(_measure_task, specs, client, None, progress, "objects: measure",
                       lambda s: 1)
+    if grow:
+        del root[SEEDS]
     grp = root[f"labels/{INSTANCES}"]
     for lv in sorted(int(k) for k in grp.array_keys() if k.isdigit())[1:]:
         h, w = grp[str(lv)].shape
@@ -216,6 +295,7 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
     per_class = {class_names[k] if k < len(class_names) else str(k):
                  int((table["class_index"] == k).sum()) for k in range(1, n_classes)}
     summary = {"objects": n_obj, "per_class": per_class, "connectivity": connectivity,
+               "grow": grow, "grow_threshold": grow_threshold,
                "instances": join(out, RESULT, "labels", INSTANCES), "files": files,
                "seconds": round(time.perf_counter() - t0, 3),
                "merge_seconds": round(t1 - t0, 3)}
