@@ -1,7 +1,8 @@
 """Run a list of small task specs locally or as Dask futures, with a progress bar.
 
 Tasks carry URIs and regions (never pixel arrays). Completed tasks are kept even when one
-fails, because their shards are resumable; the first error is raised once all have ended.
+fails, because their shards are resumable; the first error is raised once all have ended
+(a storage failure as a StorageError).
 """
 
 from __future__ import annotations
@@ -70,5 +71,19 @@ def run_tasks(fn: Callable, specs: list, client, resources: dict | None, progres
     finally:
         bar.close()
     if first_error is not None:
-        raise first_error
+        raise _storage_error(first_error, desc)
     return results
+
+
+def _storage_error(e: BaseException, desc: str) -> BaseException:
+    """A task's storage failure (an OSError, or the S3 client's own transport errors after
+    their bounded retries) as a StorageError naming the step; anything else unchanged."""
+    from segcore.errors import SegcoreError, StorageError
+    from segcore.io.uri import storage_error_types
+
+    if isinstance(e, SegcoreError) or not isinstance(e, storage_error_types()):
+        return e
+    err = StorageError(f"{desc}: storage failed ({type(e).__name__}: {e}); completed shards "
+                       "are kept and a rerun resumes")
+    err.__cause__ = e
+    return err

@@ -17,7 +17,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from segcore.errors import InputError, StorageError
-from segcore.io.uri import is_local, storage_options
+from segcore.io.uri import bound_retries, is_local, storage_error_types, storage_options
 
 OME_VERSION = "0.5"
 
@@ -37,10 +37,12 @@ def open_store(uri: str, read_only: bool = False):
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         return zarr.storage.LocalStore(path, read_only=read_only)
     try:
-        return zarr.storage.FsspecStore.from_url(uri, storage_options=storage_options(uri),
-                                                 read_only=read_only)
+        store = zarr.storage.FsspecStore.from_url(uri, storage_options=storage_options(uri),
+                                                  read_only=read_only)
     except (OSError, ValueError) as e:
         raise StorageError(f"{uri}: cannot open as a Zarr store: {e}") from e
+    bound_retries(store.fs)  # zarr builds its own (async) filesystem instance
+    return store
 
 
 def open_group(uri: str, mode: str = "r") -> zarr.Group:
@@ -48,6 +50,10 @@ def open_group(uri: str, mode: str = "r") -> zarr.Group:
         return zarr.open_group(open_store(uri, read_only=mode == "r"), mode=mode, zarr_format=3)
     except FileNotFoundError as e:
         raise InputError(f"{uri}: no Zarr group there") from e
+    except StorageError:
+        raise
+    except storage_error_types() as e:
+        raise StorageError(f"{uri}: cannot open the Zarr group: {e}") from e
 
 
 def n_levels_for(height: int, width: int, min_side: int = 256, max_levels: int = 8) -> int:
@@ -101,9 +107,28 @@ def create_multiscale(group: zarr.Group, height: int, width: int, channels: int 
     group.attrs["ome"] = attrs.model_dump(mode="json", exclude_none=True, by_alias=True)
 
 
-def finish_label(root: zarr.Group, name: str, class_names: tuple[str, ...]) -> None:
+def write_omero(group: zarr.Group, names: tuple[str, ...], dtype: str) -> None:
+    """Name the image's channels the OME way (``omero.channels[].label``, with a display window
+    over the dtype's range), which napari, OMERO and ``segcore`` itself read back."""
+    from ome_zarr_models.common.omero import Channel, Omero, Window
+
+    dt = np.dtype(dtype)
+    lo, hi = (0.0, 1.0) if dt.kind == "f" else (float(np.iinfo(dt).min), float(np.iinfo(dt).max))
+    colours = ("0000FF", "00FF00", "FF0000", "FFFFFF") if len(names) != 3 else \
+        ("FF0000", "00FF00", "0000FF")
+    omero = Omero(channels=[
+        Channel(color=colours[i % len(colours)], window=Window(min=lo, max=hi, start=lo, end=hi),
+                label=n, active=True) for i, n in enumerate(names)])
+    attrs = dict(group.attrs["ome"])
+    attrs["omero"] = omero.model_dump(mode="json", exclude_none=True)
+    group.attrs["ome"] = attrs
+
+
+def finish_label(root: zarr.Group, name: str, class_names: tuple[str, ...],
+                 nodata_label: int | None = None) -> None:
     """Register ``labels/<name>`` (already holding its multiscales) as an OME label image of
-    ``root``, with a colour and class name per value, so napari/QuPath show the classes."""
+    ``root``, with a colour and class name per value, so napari/QuPath show the classes
+    (and, with ``nodata_label``, that value as the transparent class 'nodata')."""
     from ome_zarr_models.v05.image_label import ImageLabelAttrs
     from ome_zarr_models.v05.labels import LabelsAttrs
 
@@ -113,6 +138,9 @@ def finish_label(root: zarr.Group, name: str, class_names: tuple[str, ...]) -> N
     colors = [{"label-value": i, "rgba": list(palette[i % len(palette)])}
               for i in range(len(class_names))]
     props = [{"label-value": i, "class": n} for i, n in enumerate(class_names)]
+    if nodata_label is not None:
+        colors.append({"label-value": nodata_label, "rgba": [0, 0, 0, 0]})
+        props.append({"label-value": nodata_label, "class": "nodata"})
     group = labels[name]
     ms = group.attrs["ome"]["multiscales"]
     attrs = ImageLabelAttrs.model_validate({
@@ -141,7 +169,7 @@ def write_block(arr: zarr.Array, y0: int, x0: int, data: np.ndarray) -> None:
             arr[y0:y0 + data.shape[0], x0:x0 + data.shape[1]] = data
         else:
             arr[:, y0:y0 + data.shape[1], x0:x0 + data.shape[2]] = data
-    except OSError as e:
+    except storage_error_types() as e:
         raise StorageError(f"write of block at ({y0}, {x0}) failed: {e}") from e
 
 
@@ -164,9 +192,9 @@ def write_blocks(blocks: list[tuple[zarr.Array, int, int, np.ndarray]]) -> None:
 
     try:
         sync(all_writes())
-    except OSError as e:
-        where = ", ".join(f"({y0}, {x0})" for _, y0, x0, _ in blocks[:4])
-        raise StorageError(f"write of blocks at {where} failed: {e}") from e
+    except storage_error_types() as e:
+        where = ", ".join(f"{a.path} at ({y0}, {x0})" for a, y0, x0, _ in blocks[:4])
+        raise StorageError(f"write of blocks {where} failed: {e}") from e
 
 
 def downsample2(block: np.ndarray, method: str, dtype) -> np.ndarray:
