@@ -22,7 +22,7 @@ import torch
 from segcore.errors import ConfigError
 from segcore.io.uri import join, read_bytes, write_bytes_atomic
 from segcore.models.checkpoint import load_checkpoint
-from segcore.training.data import load_folder
+from segcore.training.data import load_folder, select_channels
 from segcore.training.metrics import image_metrics, max_f
 from segcore.training.predict import predict_image
 
@@ -33,6 +33,10 @@ def overlay_png(image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> bytes
 
     g = image.astype(np.float32)
     g = g.mean(axis=2) if g.ndim == 3 else g
+    if image.dtype != np.uint8:  # 16-bit / float: stretch 1-99 percentiles to 0-255
+        finite = g[np.isfinite(g)]
+        lo, hi = np.percentile(finite, (1, 99)) if finite.size else (0.0, 1.0)
+        g = np.nan_to_num((g - lo) * (255.0 / max(float(hi - lo), 1e-12)), nan=0.0)
     rgb = np.repeat(g[..., None], 3, axis=2) * 0.6
     t, p = truth.astype(bool), pred.astype(bool)
     for sel, col in ((t & p, (0, 200, 0)), (~t & p, (255, 0, 0)), (t & ~p, (0, 80, 255))):
@@ -87,6 +91,10 @@ def evaluate(model_uri: str, data: str, tiled: bool = False, stems: str | None =
     if rand_regions not in ("foreground", "background"):
         raise ConfigError(f"rand_regions {rand_regions!r} must be 'foreground' or 'background'")
     samples = load_folder(data, stems, cmap)
+    want = ckpt.contract.channel_names
+    if want:  # images that name their channels give the model its own, by name
+        samples = [select_channels(s, list(want), s.image_uri) if s.channel_names else s
+                   for s in samples]
     resize = extra.get("resize")
     norm = ckpt.contract.normalization
     dev = torch.device(device)
@@ -99,7 +107,8 @@ def evaluate(model_uri: str, data: str, tiled: bool = False, stems: str | None =
             prob = _tiled_predict(model_uri, s.image[..., 0] if s.image.shape[2] == 1 else s.image,
                                   tile, device)
         else:
-            prob = predict_image(model, s.image, norm, dev, resize, bf16, tta=tta)
+            prob = predict_image(model, s.image, norm, dev, resize, bf16, tta=tta,
+                                 nodata=s.nodata)
         m = image_metrics(s.mask, prob, rand_regions, threshold)
         rows.append({"stem": s.stem, "image": s.image_uri, **m})
         truths.append(s.mask)

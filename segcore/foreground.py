@@ -12,8 +12,10 @@ Kinds:
 - ``nonzero`` (satellite): a pixel is foreground when any band differs from nodata (0 when the
   scene has none) and is not NaN; a block is foreground when any of its pixels is.
 - ``all``: everything is foreground (nothing is read).
-- ``auto``: geo scenes or scenes with nodata -> nonzero; RGB with a bright, unsaturated
+- ``auto``: geo scenes, scenes with nodata and float scenes -> nonzero (a float scene
+  without a nodata value counts only NaN as missing, not 0); RGB with a bright, unsaturated
   background (glass: >= 10 % of the image and most of its border) -> tissue; else all.
+  So a tile whose pixels are all nodata (or NaN) is never run.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 from scipy import ndimage
 
 from segcore.errors import ConfigError
-from segcore.io.readers import Scene, open_scene
+from segcore.io.readers import Scene
 
 KINDS = ("auto", "tissue", "nonzero", "all")
 BLOCK = 2048  # source pixels per read block side (about 12 MB of RGB uint8)
@@ -40,23 +42,22 @@ def foreground_mask(
     if not (isinstance(max_side, int) and max_side >= 1):
         raise ConfigError(f"max_side must be a positive integer, got {max_side!r}")
     info = scene.info
+    nodata = 0.0 if info.nodata is None else info.nodata
     if kind == "auto":
-        if info.geo is not None or info.nodata is not None:
-            kind = "nonzero"
-        elif info.channels < 3:
-            kind = "all"
+        kind = resolve_kind(info, kind)
+        if info.nodata is None and info.geo is None and info.dtype.startswith("float"):
+            nodata = float("nan")  # float data without a nodata value: only NaN is missing
     if kind == "all":
         s = max(1, math.ceil(max(info.height, info.width) / max_side))
         shape = (math.ceil(info.height / s), math.ceil(info.width / s))
         return np.ones(shape, dtype=bool), float(s)
 
     level, s = _plan(scene, max_side)
-    src = scene if level == info.level else open_scene(info.uri, level=level)
+    src = scene if level == info.level else scene.at_level(level)
     try:
         lh, lw = src.info.height, src.info.width
         factor = s * (info.height / lh + info.width / lw) / 2
         if kind == "nonzero":
-            nodata = 0.0 if info.nodata is None else info.nodata
             return _reduce(src, s, lambda b: _valid(b, nodata), mean=False) > 0, factor
         mean = _reduce(src, s, lambda b: b[..., :3], mean=True)  # colour is enough
     finally:
@@ -68,6 +69,19 @@ def foreground_mask(
         if kind == "all":
             return np.ones(img.shape[:2], dtype=bool), factor
     return tissue_from_rgb(img), factor
+
+
+def resolve_kind(info, kind: str = "auto") -> str:
+    """What ``kind`` means for this scene before reading pixels: 'nonzero' (geo, nodata or
+    float scenes), 'all' (fewer than 3 channels), else ``kind`` ('auto' still decides between
+    tissue and all from the pixels)."""
+    if kind != "auto":
+        return kind
+    if info.geo is not None or info.nodata is not None or info.dtype.startswith("float"):
+        return "nonzero"
+    if info.channels < 3:
+        return "all"
+    return kind
 
 
 def tile_has_foreground(

@@ -40,13 +40,49 @@ def norm_affine(contract: InputContract, c: int) -> tuple[np.ndarray, np.ndarray
     return a, b
 
 
-def normalize(raw: np.ndarray, contract: InputContract) -> np.ndarray:
-    """(h, w, c) raw pixels -> (c, h, w) float32 model input: x * a + b per channel (the
-    same float32 arithmetic :meth:`Predictor.predict_raw` does on the device)."""
-    a, b = norm_affine(contract, raw.shape[-1])
+def norm_clip(contract: InputContract, c: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(low, high) float32 per channel for a statistics contract (raw values are clipped to
+    them before the affine), None for a fixed-scale one."""
+    n = contract.normalization
+    if n.mode != "stats" or n.low is None or n.high is None:
+        return None
+    return (np.resize(np.asarray(n.low, np.float32), c),
+            np.resize(np.asarray(n.high, np.float32), c))
+
+
+NODATA_LABEL = 255  # the mask value of pixels without data (never a class; COG nodata too)
+
+
+def invalid_pixels(raw: np.ndarray, nodata: float | None) -> np.ndarray | None:
+    """(..., h, w) bool: pixels whose every channel is NaN or the scene's ``nodata`` value, for
+    (..., h, w, c) raw pixels; None when no pixel can be invalid (integer data, no nodata)."""
+    if raw.dtype.kind != "f" and nodata is None:
+        return None
+    bad = np.isnan(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, bool)
+    if nodata is not None and nodata == nodata:
+        bad |= raw == nodata
+    return bad.all(axis=-1)
+
+
+def normalize(raw: np.ndarray, contract: InputContract,
+              nodata: float | None = None) -> np.ndarray:
+    """(h, w, c) raw pixels -> (c, h, w) float32 model input: clip (statistics contracts),
+    x * a + b per channel, NaN values and nodata pixels filled with 0 (the channel mean): the
+    same float32 arithmetic :meth:`Predictor.predict_raw` does on the device."""
+    c = raw.shape[-1]
+    a, b = norm_affine(contract, c)
     x = raw.astype(np.float32)
+    clip = norm_clip(contract, c)
+    if clip is not None:
+        np.clip(x, clip[0], clip[1], out=x)
     x *= a
     x += b
+    if raw.dtype.kind == "f" or nodata is not None:
+        fill = np.isnan(x)
+        bad = invalid_pixels(raw, nodata)
+        if bad is not None:
+            fill |= bad[..., None]
+        x[fill] = 0.0
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
@@ -156,24 +192,43 @@ class Predictor:
         (sigmoid for one logit, softmax otherwise)."""
         return self._forward(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
 
-    def _norm_tensors(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _norm_tensors(self, c: int) -> tuple[torch.Tensor, ...]:
         if self._norm is None or self._norm[0].shape[1] != c:
             a, b = norm_affine(self.contract, c)
-            self._norm = (torch.from_numpy(a.reshape(1, c, 1, 1)).to(self.device),
-                          torch.from_numpy(b.reshape(1, c, 1, 1)).to(self.device))
+            clip = norm_clip(self.contract, c)
+            t = [torch.from_numpy(v.reshape(1, c, 1, 1)).to(self.device)
+                 for v in (a, b, *(clip or ()))]
+            self._norm = tuple(t)
         return self._norm
 
-    def _input(self, raw: np.ndarray) -> torch.Tensor:
+    def _input(self, raw: np.ndarray, nodata: float | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(model input, (B, h, w) bool of nodata pixels or None). Statistics contracts clip
+        first; NaN values and pixels whose every channel is ``nodata`` become 0 (the mean)."""
         x = torch.from_numpy(np.ascontiguousarray(raw))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        a, b = self._norm_tensors(x.shape[-1])
+        a, b, *clip = self._norm_tensors(x.shape[-1])
         with torch.inference_mode():
             # (B, h, w, c) permuted is a channels_last view: float conversion keeps that layout
             x = x.permute(0, 3, 1, 2).to(torch.float32)
+            bad = fill = None
+            if raw.dtype.kind == "f" or nodata is not None:
+                fill = torch.isnan(x)
+                miss = fill if nodata is None or nodata != nodata else fill | (x == nodata)
+                bad = miss.all(1)
+                fill = fill | bad[:, None]
+            if clip:
+                x = torch.maximum(torch.minimum(x, clip[1]), clip[0])
             if bool((a == a.flatten()[0]).all()) and bool((b == b.flatten()[0]).all()):
-                return x.mul_(float(a.flatten()[0])).add_(float(b.flatten()[0]))  # 25% faster
-            return x.mul_(a).add_(b)
+                x = x.mul_(float(a.flatten()[0])).add_(float(b.flatten()[0]))  # 25% faster
+            else:
+                x = x.mul_(a).add_(b)
+            if fill is not None:
+                x = x.masked_fill_(fill, 0.0)
+                if not bool(bad.any()):
+                    bad = None
+            return x, bad
 
     def _cpu_slices(self, raw: np.ndarray) -> list[slice] | None:
         """On the CPU a batch runs as forwards of at most CPU_FORWARD_PIXELS (one window of
@@ -188,32 +243,45 @@ class Predictor:
             return None
         return [slice(i, i + per) for i in range(0, raw.shape[0], per)]
 
-    def predict_quantized(self, raw: np.ndarray, prob_dtype: str = "uint8"
-                          ) -> tuple[np.ndarray, np.ndarray]:
+    def predict_quantized(self, raw: np.ndarray, prob_dtype: str = "uint8",
+                          nodata: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(B, h, w, c) raw pixels -> ((B, K, h, w) probabilities as stored, (B, h, w) uint8
         labels), both made on the device, so only the stored bytes come back: uint8 is
         round(p * 255) (half to even, as ``np.rint``), float16 is p rounded to half; labels
-        are p >= 0.5 for one channel, else the argmax."""
+        are p >= 0.5 for one channel, else the argmax. Nodata pixels (NaN in every channel,
+        or every channel equal to ``nodata``) get label ``NODATA_LABEL`` and probability 0."""
         parts = self._cpu_slices(raw)
         if parts is not None:
-            outs = [self.predict_quantized(raw[s], prob_dtype) for s in parts]
+            outs = [self.predict_quantized(raw[s], prob_dtype, nodata) for s in parts]
             return (np.concatenate([q for q, _ in outs]),
                     np.concatenate([lab for _, lab in outs]))
         with torch.inference_mode():
-            p = self._probs(self._input(raw))
+            x, bad = self._input(raw, nodata)
+            p = self._probs(x)
             labels = (p[:, 0] >= 0.5) if p.shape[1] == 1 else p.argmax(1)
+            labels = labels.to(torch.uint8)
+            if bad is not None:
+                p = p.masked_fill_(bad[:, None], 0.0)
+                labels = labels.masked_fill_(bad, NODATA_LABEL)
             q = torch.round(p * 255).to(torch.uint8) if prob_dtype == "uint8" else p.half()
-            q, labels = q.contiguous().cpu(), labels.to(torch.uint8).contiguous().cpu()
+            q, labels = q.contiguous().cpu(), labels.contiguous().cpu()
         return q.numpy(), labels.numpy()
 
-    def predict_raw(self, raw: np.ndarray) -> np.ndarray:
+    def predict_raw(self, raw: np.ndarray, nodata: float | None = None) -> np.ndarray:
         """(B, h, w, c) raw pixels -> (B, K, h, w) probabilities. The small integer batch is
         what is copied to the device (from pinned memory, without blocking, on CUDA); there it
-        becomes float32 as ``x * a + b`` per channel, the arithmetic of :func:`normalize`."""
+        becomes float32 as ``x * a + b`` per channel, the arithmetic of :func:`normalize`.
+        Nodata pixels (see :meth:`predict_quantized`) get probability 0; find them with
+        :func:`invalid_pixels`."""
         parts = self._cpu_slices(raw)
         if parts is not None:
-            return np.concatenate([self._forward(self._input(raw[s])) for s in parts])
-        return self._forward(self._input(raw))
+            return np.concatenate([self.predict_raw(raw[s], nodata) for s in parts])
+        x, bad = self._input(raw, nodata)
+        with torch.inference_mode():
+            p = self._probs(x)
+            if bad is not None:
+                p = p.masked_fill_(bad[:, None], 0.0)
+            return p.contiguous().cpu().numpy()
 
 
 def labels_from_probs(probs: np.ndarray) -> np.ndarray:

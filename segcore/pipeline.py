@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from segcore.config import Frozen
+from segcore.config import Frozen, split_names
 from segcore.errors import IncompleteResultError, InputError
 from segcore.execute import run_tasks
 from segcore.io.uri import exists, get_fs, join, read_bytes, write_bytes_atomic
@@ -53,6 +53,13 @@ class SegmentConfig(Frozen):
     model: str = Field(description="checkpoint URI")
     level: int | None = Field(None, ge=0)
     mpp: float | None = Field(None, gt=0, description="target pixel size (um or m per pixel)")
+    channels: tuple[str, ...] | None = Field(
+        None, description="scene channels to give the model, in order: names ('B04,B03,B02', "
+        "'DAPI') or 1-based band indices ('4,3,2', as GDAL/QGIS count). Default: by the "
+        "checkpoint's channel names where both it and the scene have names, else all")
+    channel_names: tuple[str, ...] | None = Field(
+        None, description="names for the scene's channels (one each), for files that do not "
+        "name them (e.g. Sentinel-2 band names)")
     tile: int | Literal["auto"] = Field(
         1024, description="model window edge in pixels, or 'auto': the largest the device's "
         "memory budget holds")
@@ -73,6 +80,15 @@ class SegmentConfig(Frozen):
                           "across shards) and write their table; counts go into the report")
     connectivity: Literal[4, 8] = Field(4, description="objects: pixels touch by an edge (4) "
                                         "or also by a corner (8)")
+    grow: int = Field(0, ge=0, le=64, description="objects: grow the components this many px "
+                      "over unlabelled pixels, the surer object winning contested ones (a "
+                      "seeded watershed limited to N px; for boundary-trained models)")
+    grow_threshold: float = Field(0.0, ge=0, le=1, description="objects: grow only into pixels "
+                                  "whose foreground probability is at least this")
+    seams: int = Field(0, ge=0, le=4096, description="seam report: check this many sampled "
+                       "shards (exact mode: recomputed with a larger halo; blend mode: "
+                       "neighbouring windows compared where they overlap); figures in the "
+                       "report, heat map in seams.png")
     exports: tuple[Literal["geotiff", "cog", "ome-tiff", "qupath", "gpkg", "geoparquet",
                            "geojson"], ...] = Field((), description="files to write beside the "
                                                     "result (object formats need objects)")
@@ -84,6 +100,11 @@ class SegmentConfig(Frozen):
             raise ValueError(f"exports {', '.join(vector)} are object formats: set objects=True "
                              "(--objects) as well")
         return self
+
+    @field_validator("channels", "channel_names", mode="before")
+    @classmethod
+    def _split(cls, v):
+        return split_names(v)
 
     @field_validator("tile")
     @classmethod
@@ -139,6 +160,8 @@ class Report(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     objects: dict[str, Any] | None = Field(None, description="with --objects: counts per "
                                            "class, connectivity, files written")
+    seams: dict[str, Any] | None = Field(None, description="with --seams N: how much the "
+                                         "result depends on where tiles were cut")
 
 
 @dataclass
@@ -160,6 +183,9 @@ class ScenePlan:
     level_shards: tuple[int, ...] = ()
     thumb_stride: int = 0  # preview thumbnail sampled by the tasks every this many px
     batch: int = 4  # windows per forward pass (cfg.batch, or what --tile auto fits)
+    class_map: str | None = None  # the named class map the model was trained with, if any
+    channels: tuple[int, ...] | None = None  # source channels the model sees (0-based)
+    skipped_nodata: bool = False  # skipped tiles hold no data: their mask reads NODATA_LABEL
 
     @property
     def preview_level(self) -> int:
@@ -177,6 +203,10 @@ class ScenePlan:
                self.info.width], "model": self.model_sha256, "tile": self.grid.tile,
                "halo": self.grid.halo, "prob_dtype": self.cfg.prob_dtype,
                "blend": self.cfg.blend, "level_shards": list(self.level_shards)}
+        if self.channels is not None:
+            key["channels"] = list(self.channels)
+        if self.skipped_nodata:
+            key["skipped_nodata"] = True
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -212,11 +242,13 @@ def choose_halo(tile: int, multiple: int, field: ReceptiveField, halo) -> tuple[
 def plan(cfg: SegmentConfig) -> ScenePlan:
     """Read the scene's metadata and the checkpoint's contract; lay out the tiles; decide
     which contain foreground. Cheap: reads no full-resolution pixels."""
+    from segcore.io.channels import channels_for_model
     from segcore.io.readers import open_scene
 
     ckpt, _ = read_checkpoint(read_bytes(cfg.model), cfg.model)
-    scene = open_scene(cfg.src, level=cfg.level, mpp=cfg.mpp)
+    scene = open_scene(cfg.src, level=cfg.level, mpp=cfg.mpp, channel_names=cfg.channel_names)
     try:
+        scene, picked = channels_for_model(scene, cfg.channels, ckpt.contract, cfg.model)
         info = scene.info
         if info.channels != ckpt.spec.in_channels:
             raise InputError(
@@ -236,15 +268,18 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
             notes.append(why)
         halo, exact, warnings = choose_halo(tile, multiple, rf, cfg.halo)
         grid = plan_tiles(info.height, info.width, tile, halo, multiple)
-        warnings = notes + warnings
+        warnings = picked + notes + warnings
         if grid.core * 2 < grid.tile and len(grid.tiles) > 1:
             warnings.append(
                 f"the core ({grid.core} px) is under half the {grid.tile}-px window (halo "
                 f"{grid.halo}): the model computes {grid.overhead:.1f}x the scene's pixels; "
                 f"use a larger --tile (or --tile auto)")
+        skipped_nodata = False
         if cfg.skip_background and cfg.foreground != "all":
-            from segcore.foreground import foreground_mask, tile_has_foreground
+            from segcore.foreground import foreground_mask, resolve_kind, tile_has_foreground
 
+            skipped_nodata = resolve_kind(info, cfg.foreground) == "nonzero" and (
+                info.nodata is not None or info.dtype.startswith("float"))
             fg, factor = foreground_mask(scene, kind=cfg.foreground)
             run = tuple(tile_has_foreground(fg, factor, t.y0, t.y1, t.x0, t.x1)
                         for t in grid.tiles)
@@ -259,7 +294,9 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
     shards = tuple(grid.core >> min(lv, tl) for lv in range(n_levels))
     p = ScenePlan(cfg, info, grid, rf, exact, tuple(ckpt.contract.class_names),
                   ckpt.spec.out_channels, ckpt.sha256, info.pixel_size, info.pixel_unit,
-                  run, warnings, n_levels, tl, shards, batch=batch)
+                  run, warnings, n_levels, tl, shards, batch=batch,
+                  class_map=cm if isinstance(cm := ckpt.extra.get("class_map"), str) else None,
+                  channels=scene.options.get("channels"), skipped_nodata=skipped_nodata)
     from segcore.io.zarrstore import level_shape
 
     lv = p.preview_level  # tasks sample the preview only if it is small (never without a pyramid)
@@ -318,6 +355,7 @@ def _rm(out: str, name: str) -> None:
 def prepare(p: ScenePlan) -> str:
     """Create (or reuse, for a resume) the output arrays. Returns 'complete', 'resume' or
     'new'."""
+    from segcore.inference import NODATA_LABEL
     from segcore.io.zarrstore import create_multiscale, finish_label, open_group
     from segcore.tiling import shard_chunk
 
@@ -328,7 +366,7 @@ def prepare(p: ScenePlan) -> str:
         if old.get("signature") == p.signature:
             return "complete" if is_complete(cfg.out) else "resume"
     for name in ("COMPLETE", "report.json", "plan.json", "shards", RESULT, "preview.png",
-                 "objects.json", "objects.parquet", "objects.csv", "polygons.parquet",
+                 "seams.png", "objects.json", "objects.parquet", "objects.csv", "polygons.parquet",
                  "mask.tif", "mask.cog.tif", "mask.ome.tif", "objects.qupath.geojson",
                  "objects.gpkg", "objects.geoparquet.parquet", "objects.wgs84.geojson"):
         _rm(cfg.out, name)
@@ -340,13 +378,18 @@ def prepare(p: ScenePlan) -> str:
                       chunks, n_levels, p.pixel_size, p.pixel_unit, name="probabilities")
     mask = root.require_group("labels").require_group("mask")
     create_multiscale(mask, info.height, info.width, None, "uint8", shards, chunks, n_levels,
-                      p.pixel_size, p.pixel_unit, name="mask")
-    finish_label(root, "mask", p.class_names)
+                      p.pixel_size, p.pixel_unit, name="mask",
+                      fill_value=NODATA_LABEL if p.skipped_nodata else 0)
+    nodata = info.nodata is not None or info.dtype.startswith("float")
+    finish_label(root, "mask", p.class_names, nodata_label=NODATA_LABEL if nodata else None)
     root.attrs["segcore"] = {
         "src": cfg.src, "level": info.level, "model": cfg.model,
         "model_sha256": p.model_sha256, "class_names": list(p.class_names),
         "pixel_size": p.pixel_size, "pixel_unit": p.pixel_unit, "geo": info.geo,
         "probability_encoding": "uint8 0-255" if cfg.prob_dtype == "uint8" else "float16",
+        **({"class_map": p.class_map} if p.class_map else {}),
+        **({"channel_names": list(info.channel_names)} if info.channel_names else {}),
+        **({"nodata_label": NODATA_LABEL} if nodata else {}),
     }
     write_bytes_atomic(plan_uri, json.dumps({
         "signature": p.signature, "tiles": len(p.grid.tiles), "core": p.grid.core,
@@ -372,7 +415,8 @@ def _task_specs(p: ScenePlan):
         yield TaskSpec(cfg.src, p.info.level, out, cfg.out, cfg.model, cfg.device, cfg.amp,
                        p.batch, cfg.prob_dtype, group, p.run[i:i + n],
                        tuple(range(i, i + len(group))), cfg.blend, p.grid.halo, neighbours,
-                       p.task_levels, p.thumb_stride, cfg.compile)
+                       p.task_levels, p.thumb_stride, cfg.compile, p.channels,
+                       cfg.channel_names)
 
 
 def run_shards(p: ScenePlan, client=None, resources: dict | None = None,
@@ -426,11 +470,19 @@ def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None,
     levels = build_pyramid(p, client) if cfg.pyramid else 1
     t1 = time.perf_counter()
     write_preview(p, join(cfg.out, "preview.png"), results)
+    seams = None
+    if cfg.seams:
+        from segcore.seams import seam_report
+
+        t_s = time.perf_counter()
+        seams = seam_report(p, cfg.out, cfg.seams, client)
+        timings["seams"] = round(time.perf_counter() - t_s, 3)
     objects = None
     if cfg.objects:
         from segcore.objects import extract_objects
 
-        objects = extract_objects(cfg.out, cfg.connectivity, client, require_complete=False)
+        objects = extract_objects(cfg.out, cfg.connectivity, client, require_complete=False,
+                                  grow=cfg.grow, grow_threshold=cfg.grow_threshold)
         timings["objects"] = objects["seconds"]
     exports = {}
     for fmt in cfg.exports:
@@ -449,7 +501,8 @@ def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None,
         src=cfg.src, out=cfg.out, model=cfg.model, model_sha256=p.model_sha256,
         scene={"height": p.info.height, "width": p.info.width, "channels": p.info.channels,
                "dtype": p.info.dtype, "level": p.info.level, "pixel_size": p.pixel_size,
-               "pixel_unit": p.pixel_unit, "geo": p.info.geo, "format": p.info.format},
+               "pixel_unit": p.pixel_unit, "geo": p.info.geo, "format": p.info.format,
+               "channel_names": p.info.channel_names, "nodata": p.info.nodata},
         tile=p.grid.tile, halo=p.grid.halo, core=p.grid.core,
         receptive_field=None if p.field.is_global else p.field.radius, exact=p.exact,
         tiles_total=len(p.grid.tiles), tiles_run=status.count("run"),
@@ -461,8 +514,9 @@ def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None,
         uris={"result": join(cfg.out, RESULT), "mask": join(cfg.out, RESULT, "labels/mask"),
               "probabilities": join(cfg.out, RESULT), "report": join(cfg.out, "report.json"),
               "preview": join(cfg.out, "preview.png"), "levels": str(levels),
+              **({"seams": seams["heatmap"]} if seams else {}),
               **{f"export:{k}": v for k, v in exports.items()}},
-        warnings=p.warnings, objects=objects,
+        warnings=p.warnings, objects=objects, seams=seams,
     )
     write_bytes_atomic(join(cfg.out, "report.json"), report.model_dump_json(indent=2).encode())
     write_bytes_atomic(join(cfg.out, "COMPLETE"), json.dumps(

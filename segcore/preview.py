@@ -33,20 +33,23 @@ def _sampled(scene, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _thumbnail(scene_uri: str, shape: tuple[int, int], info_level: int) -> np.ndarray | None:
-    """A grey/RGB thumbnail of the scene at ``shape`` from its coarsest level, if small.
-    Memory is bounded (banded reads, sampled at ``shape``), whatever the level's size."""
+def _thumbnail(scene_uri: str, shape: tuple[int, int], info_level: int,
+               channels: tuple[int, ...] | None = None,
+               channel_names: tuple[str, ...] | None = None) -> np.ndarray | None:
+    """A grey/RGB thumbnail of the scene (its ``channels``, if selected) at ``shape`` from its
+    coarsest level, if small. Memory is bounded (banded reads, sampled at ``shape``)."""
     from segcore.io.readers import open_scene
 
     try:
-        with open_scene(scene_uri, level=info_level) as s0:
+        with open_scene(scene_uri, level=info_level, channels=channels,
+                        channel_names=channel_names) as s0:
             levels = s0.info.level_shapes
-        lv = len(levels) - 1
-        h, w = levels[lv]
-        if h * w > 4096 * 4096:
-            return None
-        with open_scene(scene_uri, level=lv) as s:
-            img = _sampled(s, shape)
+            lv = len(levels) - 1
+            h, w = levels[lv]
+            if h * w > 4096 * 4096:
+                return None
+            with s0.at_level(lv) as s:
+                img = _sampled(s, shape)
     except Exception:  # noqa: BLE001 - the preview is a convenience; never fail a run for it
         return None
     return _stretch(img)
@@ -70,7 +73,12 @@ def _stretch(img: np.ndarray) -> np.ndarray:
     through a lookup table (one gather instead of five float passes: 1024^2 RGB in ~10 ms)."""
     img = img if img.shape[-1] >= 3 else np.repeat(img[..., :1], 3, axis=-1)
     step = max(1, int(np.sqrt(img.shape[0] * img.shape[1] / 65536)))  # ~64k samples suffice
-    lo, hi = np.percentile(img[::step, ::step], (1, 99))
+    if img.dtype.kind == "f":  # NaN (nodata) shows as the darkest value
+        finite = img[::step, ::step][np.isfinite(img[::step, ::step])]
+        lo, hi = np.percentile(finite, (1, 99)) if finite.size else (0.0, 1.0)
+        img = np.nan_to_num(img, nan=lo, posinf=hi, neginf=lo)
+    else:
+        lo, hi = np.percentile(img[::step, ::step], (1, 99))
     scale = 255 / max(float(hi - lo), 1e-6)
     if img.dtype in (np.uint8, np.uint16):
         lut = np.arange(np.iinfo(img.dtype).max + 1, dtype=np.float32)
@@ -113,12 +121,13 @@ def write_preview(p, uri: str, results: list[dict] | None = None, max_side: int 
         thumb = _from_tasks(p, results, mask.shape)
         thumb = None if thumb is None else _stretch(thumb)
     if thumb is None:
-        thumb = _thumbnail(p.cfg.src, mask.shape, p.info.level)
+        thumb = _thumbnail(p.cfg.src, mask.shape, p.info.level, p.channels,
+                           p.cfg.channel_names)
     if thumb is None:
         out = colour
     else:  # 45% class colour over the thumbnail, on labelled pixels only
         out = np.ascontiguousarray(thumb[..., :3])
-        on = mask > 0
+        on = (mask > 0) & (mask != 255)  # 255: nodata (segcore.inference.NODATA_LABEL)
         out[on] = (out[on] * np.float32(0.55) + colour[on] * np.float32(0.45)).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(out).save(buf, format="PNG", compress_level=1)

@@ -8,6 +8,15 @@ core, quantise it, write it as one whole shard of the level-0 arrays and of ever
 level the core can fill by itself, then write that shard's completion record (a digest of
 the level-0 bytes). Resume trusts a record only if the shard's data still hashes to it.
 Each shard's result carries the seconds its stages took (read, compute, write).
+
+Worker loss (docs/RELIABILITY.md): when a worker dies, Dask reruns its task elsewhere, and one
+writer per shard still holds. A killed process issues no further writes; each shard write is
+a whole object (one PUT on S3: it lands whole or not at all; a whole chunk file locally); the
+record is written after the data and is the digest of it. The rerun skips the shards whose
+records verify and rewrites the others whole, with the same bytes (same inputs, same code).
+Even a write in flight at the moment of death that landed after the rerun's would either be
+those same bytes or (workers of another precision) fail its record's digest, so the next
+resume recomputes that shard instead of trusting it.
 """
 
 from __future__ import annotations
@@ -15,18 +24,52 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from segcore.inference import check_channels, get_predictor, labels_from_probs
+from segcore.inference import (
+    NODATA_LABEL,
+    check_channels,
+    get_predictor,
+    invalid_pixels,
+    labels_from_probs,
+)
 from segcore.io.uri import get_fs, join, write_bytes_atomic
 from segcore.io.zarrstore import downsample2, open_group, write_blocks
 from segcore.tiling import Tile, mirror_pad_region
 
 FAULT_ENV = "SEGCORE_FAULT_SHARD"  # test-only fault injection: tile index that raises
+# test-only worker loss, "N:DIR": every shard-data write is journalled to DIR/writes.log (pid,
+# shard, start, end); the first process to have written N shards' data creates DIR/killed and
+# kills itself with SIGKILL before writing that shard's record
+KILL_ENV = "SEGCORE_FAULT_KILL"
+_KILL_LOCK = threading.Lock()
+_KILL_COUNT = [0]
+
+
+def _kill_hook(key: str, t0: float) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    n, _, folder = spec.partition(":")
+    with _KILL_LOCK:
+        _KILL_COUNT[0] += 1
+        with open(os.path.join(folder, "writes.log"), "a") as f:
+            f.write(f"{os.getpid()} {key} {t0:.6f} {time.time():.6f}\n")
+        if _KILL_COUNT[0] < int(n):
+            return
+        try:
+            fd = os.open(os.path.join(folder, "killed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return  # another process already died: one loss per run
+        os.write(fd, f"{os.getpid()} {key}\n".encode())
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 _SCENES: dict[tuple, object] = {}
 
@@ -64,6 +107,8 @@ class TaskSpec:
     task_levels: int = 0  # pyramid levels 1..task_levels are written here, shard by shard
     thumb_stride: int = 0  # >0: return the input sampled every thumb_stride px (preview)
     compile: bool = False
+    channels: tuple[int, ...] | None = None  # 0-based source channels, resolved by the plan
+    channel_names: tuple[str, ...] | None = None  # names given for the source's channels
 
 
 @dataclass(frozen=True)
@@ -112,19 +157,22 @@ def _write_record(out: str, tile: Tile, status: str, sha: str) -> None:
     write_bytes_atomic(record_uri(out, tile.key), body)
 
 
-def _scene(src: str, level: int):
+def _scene(src: str, level: int, channels: tuple[int, ...] | None = None,
+           channel_names: tuple[str, ...] | None = None):
+    """The scene at ``level`` with the plan's channel selection, opened once per process."""
     from segcore.io.readers import open_scene
 
-    key = (src, level, os.getpid())
+    key = (src, level, channels, channel_names, os.getpid())
     if key not in _SCENES:
-        _SCENES[key] = open_scene(src, level=level)
+        _SCENES[key] = open_scene(src, level=level, channels=channels,
+                                  channel_names=channel_names)
     return _SCENES[key]
 
 
 def run_task(spec: TaskSpec) -> list[dict]:
     """Run one task's tiles; returns a list of ShardResult dicts (plus, with
     ``thumb_stride``, a sampled thumbnail of each core's input under ``"thumb"``)."""
-    scene = _scene(spec.src, spec.level)
+    scene = _scene(spec.src, spec.level, spec.channels, spec.channel_names)
     info = scene.info
     pred = get_predictor(spec.model, spec.device, spec.amp, compile=spec.compile)
     check_channels(pred, info.channels, spec.src)
@@ -150,8 +198,8 @@ def run_task(spec: TaskSpec) -> list[dict]:
                                  tile.wy0, tile.wy1, tile.wx0, tile.wx1)
 
     writer = _ShardWriter(spec, root)
-    cores = _blended_cores(spec, todo, pred, read) if spec.blend else \
-        _cropped_cores(spec, todo, pred, read)
+    cores = _blended_cores(spec, todo, pred, read, info.nodata) if spec.blend else \
+        _cropped_cores(spec, todo, pred, read, info.nodata)
     try:
         for idx, tile, core, raw, times in cores:
             if fault is not None and int(fault) == idx:
@@ -210,8 +258,11 @@ class _ShardWriter:
         spec = self.spec
         if isinstance(core, tuple):
             prob, mask = core
-        else:
+        else:  # blend mode: float probabilities, NaN on nodata pixels
+            bad = np.isnan(core[0])
+            core = np.nan_to_num(core, nan=0.0) if bad.any() else core
             mask = labels_from_probs(core)
+            mask[bad] = NODATA_LABEL
             if spec.prob_dtype == "uint8":
                 prob = np.rint(core * 255).astype(np.uint8)
             else:
@@ -223,7 +274,9 @@ class _ShardWriter:
             m = downsample2(m, "nearest", m.dtype)
             blocks += [(self.prob[lv], tile.y0 >> lv, tile.x0 >> lv, p),
                        (self.mask[lv], tile.y0 >> lv, tile.x0 >> lv, m)]
+        t_data = time.time()
         write_blocks(blocks)
+        _kill_hook(tile.key, t_data)  # test-only (KILL_ENV); a no-op otherwise
         _write_record(spec.records, tile, "run", _digest(mask, prob))
         out = asdict(ShardResult(tile.key, "run", sum(times), tile.core_shape[0] *
                                  tile.core_shape[1], times[0], times[1],
@@ -246,7 +299,13 @@ def _thumb(tile: Tile, window: np.ndarray, stride: int) -> tuple[int, int, np.nd
     return fy // stride, fx // stride, np.ascontiguousarray(sub)
 
 
-def _cropped_cores(spec: TaskSpec, todo, pred, read):
+def _nodata(nodata: float | None) -> dict:
+    """The predictor's ``nodata`` argument, only when the scene has a nodata value (NaN is
+    masked regardless), so any object with the two predict methods can stand in."""
+    return {} if nodata is None else {"nodata": nodata}
+
+
+def _cropped_cores(spec: TaskSpec, todo, pred, read, nodata: float | None = None):
     """Exact mode: one window per tile, cropped to its core. Windows are batched by shape and
     the next batch is read (on a thread) while the current one computes. Yields (index, tile,
     core probabilities, raw window, (read s, compute s))."""
@@ -275,14 +334,14 @@ def _cropped_cores(spec: TaskSpec, todo, pred, read):
             windows, read_s = [w for w, _ in got], sum(s for _, s in got)
             t0 = time.perf_counter()
             batch = np.stack(windows) if len(windows) > 1 else windows[0][None]
-            probs, labels = pred.predict_quantized(batch, spec.prob_dtype)
+            probs, labels = pred.predict_quantized(batch, spec.prob_dtype, **_nodata(nodata))
             compute_s = (time.perf_counter() - t0) / len(group)
             for (idx, tile), p, lab, w in zip(group, probs, labels, windows, strict=True):
                 ys, xs = tile.crop
                 yield idx, tile, (p[:, ys, xs], lab[ys, xs]), w, (read_s / len(group), compute_s)
 
 
-def _blended_cores(spec: TaskSpec, todo, pred, read):
+def _blended_cores(spec: TaskSpec, todo, pred, read, nodata: float | None = None):
     """Blend mode: each core is the weighted mean of every window that covers it (its own and
     its neighbours'), weights 1 on a window's core falling off across its halo. Still one
     writer per shard: a task computes the neighbours' windows itself (up to 9 windows per
@@ -290,6 +349,7 @@ def _blended_cores(spec: TaskSpec, todo, pred, read):
     from segcore.stitching import blend_weights
 
     cache: dict[str, np.ndarray] = {}
+    invalid: dict[str, np.ndarray | None] = {}  # each window's nodata pixels
     neighbours = dict(zip(spec.tiles, spec.neighbours, strict=True))
     for idx, tile in todo:
         t0 = time.perf_counter()
@@ -300,7 +360,8 @@ def _blended_cores(spec: TaskSpec, todo, pred, read):
             raw = read(w)
             if w.key == tile.key:
                 raw_own = raw
-            cache[w.key] = pred.predict_raw(raw[None])[0]
+            cache[w.key] = pred.predict_raw(raw[None], **_nodata(nodata))[0]
+            invalid[w.key] = invalid_pixels(raw, nodata)
         acc = None
         wsum = np.zeros(tile.core_shape, np.float32)
         for w in windows:
@@ -316,4 +377,9 @@ def _blended_cores(spec: TaskSpec, todo, pred, read):
                 acc = np.zeros((part.shape[0], *tile.core_shape), np.float32)
             acc[:, y0 - tile.y0:y1 - tile.y0, x0 - tile.x0:x1 - tile.x0] += part
             wsum[y0 - tile.y0:y1 - tile.y0, x0 - tile.x0:x1 - tile.x0] += wt
-        yield idx, tile, acc / wsum, raw_own, (0.0, time.perf_counter() - t0)
+        core = acc / wsum
+        bad = invalid[tile.key]
+        if bad is not None and bad.any():
+            ys, xs = tile.crop
+            core[:, bad[ys, xs]] = np.nan  # the writer marks these nodata
+        yield idx, tile, core, raw_own, (0.0, time.perf_counter() - t0)

@@ -102,8 +102,8 @@ def test_nonzero_float_nan_and_all_and_auto_all(tmp_path):
     with open_scene(str(tmp_path / "f.tif")) as scene:
         mask, _ = foreground_mask(scene, kind="nonzero")
         np.testing.assert_array_equal(mask, ~np.isnan(f) & (f != 0))
-        mask, _ = foreground_mask(scene)  # grey, no nodata, no geo -> all
-        assert mask.all() and mask.shape == (64, 80)
+        mask, _ = foreground_mask(scene)  # float, no nodata value: only NaN is missing
+        np.testing.assert_array_equal(mask, ~np.isnan(f))
         mask, factor = foreground_mask(scene, kind="all", max_side=16)
         assert mask.all() and (mask.shape, factor) == ((13, 16), 5.0)
     photo = RNG.integers(0, 200, (90, 120, 3), dtype=np.uint8)  # no bright background

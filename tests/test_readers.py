@@ -104,7 +104,7 @@ def test_pyramidal_tiff_levels_and_mpp(tmp_path):
     assert info.pixel_size == pytest.approx(0.5) and info.pixel_unit == "micrometer"
     # pixel sizes 0.5, ~1.0, ~2.0: the finest level >= 0.9 * mpp, else the coarsest
     for mpp, want in [
-        (0.1, 0),
+        (0.46, 0),  # within 10 % of the finest level
         (0.5, 0),
         (0.55, 0),
         (0.6, 1),
@@ -115,6 +115,9 @@ def test_pyramidal_tiff_levels_and_mpp(tmp_path):
     ]:
         assert scene_info(str(p), mpp=mpp).level == want, mpp
     assert scene_info(str(p), mpp=1.0).pixel_size == pytest.approx(0.5 * (130 / 65 + 99 / 50) / 2)
+    with pytest.raises(ConfigError, match=r"pyr\.tif: mpp 0\.1 asks for pixels finer than the "
+                       r"scene's finest level \(level 0, 130x99, 0\.5 um/px\)"):
+        open_scene(str(p), mpp=0.1)  # never silently the finest level: that would not upsample
     with pytest.raises(ConfigError, match="not both"):
         open_scene(str(p), level=1, mpp=1.0)
     with pytest.raises(ConfigError, match="level 3 does not exist"):

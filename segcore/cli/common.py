@@ -22,6 +22,21 @@ def validated(config_cls: type, **kwargs: Any):
         raise ConfigError("; ".join(parts)) from None
 
 
+def add_channel_args(p: argparse.ArgumentParser, ingest: bool = False,
+                     train: bool = False) -> None:
+    what = ("keep only these channels, in this order" if ingest else
+            "train on these channels, in this order (recorded in the checkpoint)" if train else
+            "give the model these channels, in this order (default: the channels the "
+            "checkpoint names, picked by name, else all)")
+    p.add_argument("--channels", metavar="LIST",
+                   help=f"{what}: channel names (B04,B03,B02 or DAPI) or band numbers counted "
+                        "from 1, as GDAL and QGIS do (4,3,2 = the 4th, 3rd and 2nd band)")
+    p.add_argument("--channel-names", metavar="LIST",
+                   help="names for the file's channels, one per channel in file order (e.g. "
+                        "B01,B02,...,B8A for a Sentinel-2 stack without band descriptions); "
+                        "replaces names the file has")
+
+
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from segcore.cli.common import add_cluster_args, client_from_args, validated
+from segcore.cli.common import add_channel_args, add_cluster_args, client_from_args, validated
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -15,6 +15,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--level", type=int, help="pyramid level of the source (0 = full)")
     g.add_argument("--mpp", type=float, help="target pixel size (um/px slides, m/px scenes)")
+    add_channel_args(p)
     p.add_argument("--tile", default="1024",
                    help="model window edge in px (default 1024), or 'auto': the largest window "
                         "the device's memory budget holds (GPU free memory; 25%% of available "
@@ -42,6 +43,16 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         "objects.parquet/.csv; counts go into the report")
     p.add_argument("--connectivity", type=int, choices=(4, 8), default=4,
                    help="objects: pixels touch by an edge (4) or also by a corner (8)")
+    p.add_argument("--grow", type=int, default=0, metavar="N",
+                   help="objects: grow each component N px over unlabelled pixels, the surer "
+                        "object winning contested ones (a seeded watershed limited to N px, "
+                        "for models trained with --class-map instances-borders; default 0)")
+    p.add_argument("--grow-threshold", type=float, default=0.0, metavar="P",
+                   help="objects: grow only into pixels with foreground probability >= P")
+    p.add_argument("--seams", type=int, default=0, metavar="N",
+                   help="seam report: check N sampled shards (recomputed with a larger halo, "
+                        "or in --blend mode neighbouring windows compared); figures in the "
+                        "report, heat map in seams.png")
     p.add_argument("--export", action="append", default=[], metavar="FORMAT",
                    choices=["geotiff", "cog", "ome-tiff", "qupath", "gpkg", "geoparquet",
                             "geojson"],
@@ -56,11 +67,13 @@ def run(args: argparse.Namespace) -> int:
     halo = args.halo if args.halo == "auto" else _int(args.halo, "--halo")
     tile = args.tile if args.tile == "auto" else _int(args.tile, "--tile")
     cfg = validated(SegmentConfig, src=args.src, out=args.dst, model=args.model,
-                    level=args.level, mpp=args.mpp, tile=tile, halo=halo, compile=args.compile,
+                    level=args.level, mpp=args.mpp, channels=args.channels,
+                    channel_names=args.channel_names, tile=tile, halo=halo, compile=args.compile,
                     batch=args.batch, device=args.device, amp=args.amp,
                     foreground=args.foreground, skip_background=not args.no_skip_background,
                     blend=args.blend, prob_dtype=args.prob_dtype, shards_per_task=args.shards_per_task,
-                    objects=args.objects, connectivity=args.connectivity,
+                    objects=args.objects, connectivity=args.connectivity, grow=args.grow,
+                    grow_threshold=args.grow_threshold, seams=args.seams,
                     exports=tuple(args.export))
     with client_from_args(args) as (client, resources):
         report = segment(cfg, client=client, resources=resources, progress=not args.quiet)

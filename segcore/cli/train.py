@@ -46,6 +46,16 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="binary | instances | instances-borders (touching ids split by background) | "
                    "VALUE:CLASS,... (ISBI: 0:1,255:0)")
     p.add_argument("--class-names", default="background,foreground")
+    from segcore.cli.common import add_channel_args
+
+    add_channel_args(p, train=True)
+    p.add_argument("--normalization", choices=("auto", "scale", "stats"), default="auto",
+                   help="stats: per-channel percentiles (clip) and mean/std measured on the "
+                        "training data and stored in the checkpoint, for uint16/float images "
+                        "(no hand-set scale); scale: x/255 (8-bit); auto (default): scale for "
+                        "8-bit images, else stats")
+    p.add_argument("--percentiles", default="0.5,99.5", metavar="LOW,HIGH",
+                   help="stats: clipping percentiles (default 0.5,99.5)")
     p.add_argument("--fg-fraction", type=float, default=0.0)
     p.add_argument("--augment", default="{}", help='JSON AugmentConfig, e.g. \'{"rot90": false}\'')
     p.add_argument("--border-weight", action="store_true", help="U-Net border weight map")
@@ -67,6 +77,14 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--percentiles {text!r}: give LOW,HIGH, e.g. 0.5,99.5") from None
+    return lo, hi
+
+
 def build_config(args: argparse.Namespace):
     from segcore.training.config import AugmentConfig, TrainConfig
 
@@ -82,7 +100,9 @@ def build_config(args: argparse.Namespace):
             augment=AugmentConfig(**json.loads(args.augment)), border_weight=args.border_weight,
             deep_supervision=False if args.no_deep_supervision else None, bf16=args.bf16,
             threads=args.threads, device=args.device, checkpoint_every=args.checkpoint_every,
-            val_every=args.val_every, resume=args.resume, out=args.out)
+            val_every=args.val_every, resume=args.resume, out=args.out,
+            channels=args.channels, channel_names=args.channel_names,
+            normalization=args.normalization, percentiles=_pair(args.percentiles))
     except json.JSONDecodeError as e:
         raise ConfigError(f"--model-kwargs/--augment must be JSON objects: {e}") from e
     except ValidationError as e:

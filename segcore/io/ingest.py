@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from segcore.config import Frozen
+from segcore.config import Frozen, split_names
 from segcore.errors import ConfigError, IncompleteResultError
 from segcore.execute import run_tasks
 from segcore.io.zarrstore import (
@@ -24,6 +24,7 @@ from segcore.io.zarrstore import (
     n_levels_for,
     open_group,
     write_block,
+    write_omero,
 )
 
 
@@ -35,6 +36,15 @@ class IngestConfig(Frozen):
     chunk: int = Field(512, ge=16, le=8192)
     shard: int = Field(2048, ge=16, le=32768)
     pyramid: bool = True
+    channels: tuple[str, ...] | None = Field(None, description="channels to keep, in this "
+                                             "order: names, or 1-based band indices ('4')")
+    channel_names: tuple[str, ...] | None = Field(None, description="names for the source's "
+                                                  "channels (one each), e.g. Sentinel-2 bands")
+
+    @field_validator("channels", "channel_names", mode="before")
+    @classmethod
+    def _split(cls, v):
+        return split_names(v)
 
     @model_validator(mode="after")
     def _check(self):
@@ -54,12 +64,15 @@ class _Block:
     y1: int
     x0: int
     x1: int
+    channels: tuple[int, ...] | None = None  # 0-based, resolved once by ingest()
+    channel_names: tuple[str, ...] | None = None
 
 
 def _copy_block(b: _Block) -> list[dict]:
     from segcore.io.readers import open_scene
 
-    with open_scene(b.src, level=b.level) as scene:
+    with open_scene(b.src, level=b.level, channels=b.channels,
+                    channel_names=b.channel_names) as scene:
         data = scene.read(b.y0, b.y1, b.x0, b.x1)
     root = open_group(b.dst, mode="r+")
     write_block(root["0"], b.y0, b.x0, data.transpose(2, 0, 1))
@@ -75,9 +88,11 @@ def _down_block(args) -> list[dict]:
 
 def ingest(cfg: IngestConfig, client=None, progress: bool = True) -> str:
     """Write the scene as an OME-Zarr image at ``cfg.dst``; returns ``cfg.dst``."""
-    from segcore.io.readers import scene_info
+    from segcore.io.readers import open_scene
 
-    info = scene_info(cfg.src, level=cfg.level, mpp=cfg.mpp)
+    with open_scene(cfg.src, level=cfg.level, mpp=cfg.mpp, channels=cfg.channels,
+                    channel_names=cfg.channel_names) as scene:
+        info, sel = scene.info, scene.options.get("channels")
     if info.dtype not in ("uint8", "uint16", "float32"):
         raise ConfigError(f"{cfg.src}: pixel type {info.dtype} is not supported")
     n_levels = n_levels_for(info.height, info.width) if cfg.pyramid else 1
@@ -86,9 +101,13 @@ def ingest(cfg: IngestConfig, client=None, progress: bool = True) -> str:
                       cfg.chunk, n_levels, info.pixel_size, info.pixel_unit, name="image")
     root.attrs["segcore"] = {"src": cfg.src, "level": info.level, "pixel_size": info.pixel_size,
                              "pixel_unit": info.pixel_unit, "geo": info.geo,
-                             "nodata": info.nodata, "format": info.format, "complete": False}
+                             "nodata": info.nodata, "format": info.format, "complete": False,
+                             **({"channel_names": list(info.channel_names)}
+                                if info.channel_names else {})}
+    if info.channel_names:
+        write_omero(root, info.channel_names, info.dtype)
     blocks = [_Block(cfg.src, info.level, cfg.dst, y, min(y + cfg.shard, info.height), x,
-                     min(x + cfg.shard, info.width))
+                     min(x + cfg.shard, info.width), sel, cfg.channel_names)
               for y in range(0, info.height, cfg.shard) for x in range(0, info.width, cfg.shard)]
     run_tasks(_copy_block, blocks, client, None, progress, "ingest", lambda b: 1)
     for lv in range(1, n_levels):

@@ -3,6 +3,9 @@
 Modes: 1/L/LA/P -> grey or RGB (alpha dropped), RGB/RGBA/CMYK/YCbCr -> RGB, I;16 -> uint16,
 I -> uint16 (16-bit grey PNG), F -> float32. 16-bit RGB(A) PNGs, which Pillow reduces to 8 bits,
 are decoded with imagecodecs instead. EXIF orientation is not applied (pixels as stored).
+The pixel size comes from the file's density, as TIFF's XResolution does: PNG ``pHYs`` in
+pixels per metre, JPEG JFIF (or EXIF) dots per inch or per cm; none when the file gives only
+an aspect ratio.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class PilSource(Source):
         try:
             with Image.open(io.BytesIO(self._data)) as im:
                 mode, (w, h) = im.mode, im.size
+                dpi = im.info.get("dpi")
         except (OSError, Image.DecompressionBombError, ValueError) as e:
             raise InputError(f"{uri}: not a readable {fmt.upper()} ({e})") from e
         if self._png16:
@@ -65,6 +69,12 @@ class PilSource(Source):
         self.meta = SourceMeta(
             uri=uri, format=fmt, level_shapes=((h, w),), channels=channels, dtype=dtype
         )
+        try:
+            dx = float(dpi[0]) if dpi else 0.0
+        except (TypeError, ValueError, IndexError):
+            dx = 0.0
+        if dx > 0 and dx == dx:  # Pillow gives dots per inch for pHYs (metres) and JFIF units
+            self.meta.pixel_size, self.meta.pixel_unit = 25400.0 / dx, "micrometer"
 
     def _decode(self) -> np.ndarray:
         if self._data is None:

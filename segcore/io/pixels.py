@@ -56,6 +56,16 @@ class SourceMeta:
     pixel_unit: str | None = None
     geo: dict | None = None
     nodata: float | None = None
+    channel_names: tuple[str, ...] | None = None  # one per channel, where the format names them
+
+
+def clean_names(names: list[str | None] | None, n: int) -> tuple[str, ...] | None:
+    """Channel names as a tuple when there is a non-empty, stripped name for each of the ``n``
+    channels (``None`` otherwise: a partial or missing list names nothing)."""
+    if not names or len(names) != n:
+        return None
+    out = tuple((str(v) if v is not None else "").strip() for v in names)
+    return out if all(out) else None
 
 
 class Source:

@@ -1,14 +1,24 @@
 """Scene readers: any supported image at any URI -> regions as (h, w, c) numpy arrays.
 
 ``open_scene(uri, level=None, mpp=None)`` detects the format from the content (magic bytes; a
-directory is a Zarr), picks a pyramid level and returns a ``Scene``. ``Scene.read`` reads one
+directory is a Zarr or a folder of DICOM WSI instances), picks a pyramid level and returns a
+``Scene``. ``Scene.read`` reads one
 region lazily: a small region of a tiled TIFF or chunked Zarr decodes only what it touches.
 
 Level selection by ``mpp`` (microns per pixel for slides, metres per pixel for geo scenes):
 the level whose pixel size is the *finest one that is >= 0.9 * mpp*, i.e. the closest level not
 finer than asked (10 % tolerance, so 0.499 counts as 0.5). If every level is finer than asked,
-the coarsest level is used. Scenes in degrees (EPSG:4326) convert degrees to metres at the
-scene centre for this choice. A scene without a pixel size refuses ``mpp`` (use ``level``).
+the coarsest level is used. An ``mpp`` finer than the scene's finest level (beyond the same
+10 %) is refused with the file's finest pixel size: segcore never upsamples. Scenes in degrees
+(EPSG:4326) convert degrees to metres at the scene centre for this choice. Every format with a
+pixel size takes part (TIFF family, OME-Zarr scale transforms, Zarr written by ``ingest``,
+PNG pHYs / JPEG density); a scene without one refuses ``mpp`` (use ``level``).
+
+Channels: ``SceneInfo.channel_names`` holds the names the format gives (OME-XML channel names,
+QPTIFF biomarkers, GeoTIFF band descriptions, OME-Zarr omero labels) or ``channel_names=`` given
+by the caller (e.g. Sentinel-2 band names for a file without descriptions). ``channels=`` selects
+and orders channels (see :func:`segcore.io.channels.resolve_channels`): the scene then *is* those channels (its
+info, its reads), per task and picklable like any scene.
 
 A ``Scene`` pickles as (uri, level, options, info) and reopens itself on its first read, so it
 can be shipped to Dask workers; the open file handle and tifffile's Zarr store never travel.
@@ -18,17 +28,19 @@ from __future__ import annotations
 
 import operator
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from segcore.errors import ConfigError, InputError
 from segcore.io import geo as geomod
+from segcore.io.channels import describe_channels, resolve_channels  # noqa: F401  (re-export)
 from segcore.io.pixels import Source, SourceMeta, level_ratio
 from segcore.io.uri import get_fs, is_local, reading
 
-FORMATS = ("tiff", "svs", "ome-tiff", "geotiff", "png", "jpeg", "zarr", "ome-zarr")
+FORMATS = ("tiff", "svs", "ome-tiff", "geotiff", "png", "jpeg", "zarr", "ome-zarr", "dicom")
 MPP_TOLERANCE = 0.1
 _MAGIC = (
     (b"II*\x00", "tiff"),
@@ -55,10 +67,13 @@ class SceneInfo:
     geo: dict | None  # {'crs': 'EPSG:n' | None, 'transform': [a, b, c, d, e, f]} at the level
     nodata: float | None
     format: str  # one of FORMATS
+    channel_names: tuple[str, ...] | None = None  # one per channel (after selection), or None
 
 
 def detect_format(uri: str) -> str:
-    """'tiff' | 'png' | 'jpeg' | 'zarr' from the content (TIFF flavours are told apart later)."""
+    """'tiff' | 'png' | 'jpeg' | 'zarr' | 'dicom' from the content (TIFF flavours are told
+    apart later). A directory is a Zarr (zarr.json, .zarray, .zgroup) or a DICOM slide folder
+    (*.dcm files, or files with "DICM" at byte 128)."""
     fs, path = get_fs(uri)
     with reading(uri, "is a directory but not a Zarr (no zarr.json, .zarray or .zgroup)"):
         if not is_local(uri):
@@ -66,20 +81,27 @@ def detect_format(uri: str) -> str:
         if fs.isdir(path):
             if any(fs.exists(f"{path.rstrip('/')}/{m}") for m in _ZARR_MARKERS):
                 return "zarr"
+            from segcore.io.dicomscene import is_dicom_folder
+
+            if is_dicom_folder(fs, path):
+                return "dicom"
             raise InputError(
-                f"{uri}: is a directory but not a Zarr (no zarr.json, .zarray or .zgroup); "
-                "point to an image file or a Zarr array/group"
+                f"{uri}: is a directory but not a Zarr (no zarr.json, .zarray or .zgroup) nor a "
+                "DICOM slide (no .dcm or DICOM files); point to an image file, a Zarr "
+                "array/group or a folder of DICOM whole-slide instances"
             )
         with fs.open(path, "rb") as f:
-            head = f.read(16)
+            head = f.read(132)
+    if head[128:132] == b"DICM":  # before TIFF: a dual-personality DICOM-TIFF is read as DICOM
+        return "dicom"
     for magic, fmt in _MAGIC:
         if head.startswith(magic):
             return fmt
     if not head:
         raise InputError(f"{uri}: is empty (0 bytes), not an image")
     raise InputError(
-        f"{uri}: not an image: the content starts with {head[:8]!r}, which is not TIFF, PNG or "
-        "JPEG (and it is not a Zarr directory); check the file"
+        f"{uri}: not an image: the content starts with {head[:8]!r}, which is not TIFF, PNG, "
+        "JPEG or DICOM (and it is not a Zarr directory); check the file"
     )
 
 
@@ -93,6 +115,10 @@ def _open_source(uri: str) -> Source:
         from segcore.io.zarrscene import ZarrSource
 
         return ZarrSource(uri)
+    if kind == "dicom":
+        from segcore.io.dicomscene import DicomSource
+
+        return DicomSource(uri)
     from segcore.io.pilscene import PilSource
 
     return PilSource(uri, kind)
@@ -136,6 +162,15 @@ def choose_level(meta: SourceMeta, level: int | None, mpp: float | None) -> int:
             f"pass level instead (levels: {listing})"
         )
     sizes = _sizes_for_mpp(meta)
+    finest = min(range(n), key=lambda i: sizes[i])
+    if mpp < sizes[finest] * (1 - MPP_TOLERANCE):
+        unit = {"micrometer": "um", "meter": "m", "degree": "m"}.get(meta.pixel_unit or "", "")
+        h, w = meta.level_shapes[finest]
+        raise ConfigError(
+            f"{meta.uri}: mpp {mpp:g} asks for pixels finer than the scene's finest level "
+            f"(level {finest}, {h}x{w}, {sizes[finest]:.4g} {unit}/px); segcore does not "
+            f"upsample: pass --mpp {sizes[finest]:.4g} or larger, or a --level"
+        )
     ok = [i for i, s in enumerate(sizes) if s >= mpp * (1 - MPP_TOLERANCE)]
     if not ok:
         return max(range(n), key=lambda i: sizes[i])
@@ -158,6 +193,7 @@ def _info(meta: SourceMeta, level: int) -> SceneInfo:
         geo=geomod.scale_geo(meta.geo, fy, fx),
         nodata=meta.nodata,
         format=meta.format,
+        channel_names=meta.channel_names,
     )
 
 
@@ -209,12 +245,39 @@ class Scene:
         if y0 == y1 or x0 == x1:
             return np.zeros((y1 - y0, x1 - x0, self.info.channels), dtype=self.info.dtype)
         out = self._get_source().read(self.info.level, y0, y1, x0, x1)
-        if out.shape != (y1 - y0, x1 - x0, self.info.channels):  # never hand on a wrong shape
+        n_src = self.options.get("source_channels") or self.info.channels
+        if out.shape != (y1 - y0, x1 - x0, n_src):  # never hand on a wrong shape
             raise InputError(
                 f"{self.info.uri}: region y {y0}:{y1}, x {x0}:{x1} decoded to shape {out.shape}, "
-                f"expected {(y1 - y0, x1 - x0, self.info.channels)}; the file is corrupt"
+                f"expected {(y1 - y0, x1 - x0, n_src)}; the file is corrupt"
             )
+        sel = self.options.get("channels")
+        if sel is not None and tuple(sel) != tuple(range(n_src)):
+            out = np.ascontiguousarray(out[..., list(sel)])
         return out
+
+    def with_channels(self, channels: Any) -> Scene:
+        """This scene with ``channels`` selected (see :func:`resolve_channels`; applied on top
+        of any selection it already has). The new scene takes over this one's open file."""
+        sel = resolve_channels(channels, self.info.channel_names, self.info.channels,
+                               self.info.uri)
+        if sel is None:
+            return self
+        base = self.options.get("channels")
+        n_src = self.options.get("source_channels") or self.info.channels
+        full = sel if base is None else tuple(base[i] for i in sel)
+        names = self.info.channel_names
+        info = replace(self.info, channels=len(sel),
+                       channel_names=None if names is None else tuple(names[i] for i in sel))
+        with self._lock:
+            src, self._source = self._source, None
+        return Scene(info, {**self.options, "channels": full, "source_channels": n_src}, src)
+
+    def at_level(self, level: int) -> Scene:
+        """The same scene (same channel selection and names) at another pyramid level."""
+        o = self.options
+        scene = open_scene(self.info.uri, level=level, channel_names=o.get("channel_names"))
+        return scene if o.get("channels") is None else scene.with_channels(tuple(o["channels"]))
 
     def close(self) -> None:
         with self._lock:
@@ -240,20 +303,40 @@ def _restore(info: SceneInfo, options: dict[str, Any]) -> Scene:
     return Scene(info, options)
 
 
-def open_scene(uri: str, level: int | None = None, mpp: float | None = None) -> Scene:
-    """Open ``uri`` at a pyramid ``level`` or the level for a target ``mpp`` (not both)."""
+def open_scene(uri: str, level: int | None = None, mpp: float | None = None,
+               channels: Any = None, channel_names: Sequence[str] | None = None) -> Scene:
+    """Open ``uri`` at a pyramid ``level`` or the level for a target ``mpp`` (not both).
+    ``channel_names`` names the file's channels (one name each; replaces the names the file
+    has); ``channels`` then selects and orders them (:func:`resolve_channels`)."""
     uri = str(uri)
     src = _open_source(uri)
     try:
         lv = choose_level(src.meta, level, mpp)
         src.open_level(lv)
+        info = _info(src.meta, lv)
+        names = None
+        if channel_names is not None:
+            names = tuple(str(n).strip() for n in channel_names)
+            if len(names) != info.channels or not all(names):
+                raise ConfigError(
+                    f"{uri}: {len(names)} channel name(s) given ({', '.join(names)}) but the "
+                    f"scene has {info.channels} channel(s); give one non-empty name per channel"
+                )
+            info = replace(info, channel_names=names)
     except BaseException:
         src.close()
         raise
-    return Scene(_info(src.meta, lv), {"level": level, "mpp": mpp}, src)
+    scene = Scene(info, {"level": level, "mpp": mpp, "channel_names": names}, src)
+    try:
+        return scene.with_channels(channels)
+    except BaseException:
+        scene.close()
+        raise
 
 
-def scene_info(uri: str, level: int | None = None, mpp: float | None = None) -> SceneInfo:
+def scene_info(uri: str, level: int | None = None, mpp: float | None = None,
+               channels: Any = None, channel_names: Sequence[str] | None = None) -> SceneInfo:
     """``SceneInfo`` of ``uri`` at the chosen level (opens and closes the scene)."""
-    with open_scene(uri, level=level, mpp=mpp) as scene:
+    with open_scene(uri, level=level, mpp=mpp, channels=channels,
+                    channel_names=channel_names) as scene:
         return scene.info

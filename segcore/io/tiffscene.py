@@ -22,6 +22,7 @@ from segcore.io import geo as geomod
 from segcore.io.pixels import (
     Source,
     SourceMeta,
+    clean_names,
     output_dtype,
     parse_nodata,
     read_region,
@@ -139,6 +140,7 @@ class TiffSource(Source):
         else:
             meta.pixel_size = _resolution_um(tif, page)
             meta.pixel_unit = "micrometer" if meta.pixel_size else None
+        meta.channel_names = _channel_names(tif, series, page, self._nch)
         return meta
 
     # --- reading --------------------------------------------------------------------------
@@ -206,6 +208,56 @@ def _ome_pixel_size(xml: str | None) -> float | None:
     except ValueError:
         return None
     return size * factor if factor and size > 0 else None
+
+
+def _xml(text: Any) -> ET.Element | None:
+    if not text:
+        return None
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    try:
+        return ET.fromstring(str(text).strip().strip("\x00"))
+    except ET.ParseError:
+        return None
+
+
+def _channel_names(tif: tifffile.TiffFile, series: Any, page: Any,
+                   n: int) -> tuple[str, ...] | None:
+    """Names of the ``n`` channels: OME-XML ``Channel/@Name``, QPTIFF per-page ``<Biomarker>``
+    (else ``<Name>``), or GDAL band descriptions (``GDAL_METADATA`` items with role
+    description, what rasterio's ``descriptions`` write). None unless every channel is named."""
+    if tif.is_ome:
+        root = _xml(tif.ome_metadata)
+        if root is not None:
+            ns = root.tag.split("}")[0] + "}" if root.tag.startswith("{") else ""
+            pixels = root.find(f"{ns}Image/{ns}Pixels")
+            if pixels is not None:
+                names = clean_names([c.get("Name") for c in pixels.findall(f"{ns}Channel")], n)
+                if names:
+                    return names
+    if getattr(tif, "is_qpi", False):
+        found: list[str | None] = []
+        for pg in series.pages[:n] if n > 1 else [page]:
+            root = _xml(getattr(pg, "description", None)) if pg is not None else None
+            el = None if root is None else (root.find(".//Biomarker")
+                                            if root.find(".//Biomarker") is not None
+                                            else root.find(".//Name"))
+            found.append(None if el is None else el.text)
+        names = clean_names(found, n)
+        if names:
+            return names
+    root = _xml(page.tags.valueof(42112))  # GDAL_METADATA
+    if root is not None:
+        bands: dict[int, str] = {}
+        for item in root.iter("Item"):
+            if item.get("role") == "description" and item.get("sample") is not None:
+                try:
+                    bands[int(item.get("sample"))] = item.text or ""
+                except ValueError:
+                    continue
+        if bands:
+            return clean_names([bands.get(i) for i in range(n)], n)
+    return None
 
 
 def _resolution_um(tif: tifffile.TiffFile, page: Any) -> float | None:

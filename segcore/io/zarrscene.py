@@ -20,6 +20,7 @@ from segcore.errors import InputError, StorageError
 from segcore.io.pixels import (
     Source,
     SourceMeta,
+    clean_names,
     output_dtype,
     parse_nodata,
     read_region,
@@ -120,6 +121,7 @@ class ZarrSource(Source):
         elif own.get("pixel_size") is not None:
             self.meta.pixel_size = float(own["pixel_size"])
             self.meta.pixel_unit = own.get("pixel_unit")
+        self.meta.channel_names = _channel_names(attrs, own, self._nch)
 
     def _multiscales(self, group: Any, ms: dict) -> tuple[list, list[str] | None, Any, Any]:
         axes = ms.get("axes")
@@ -157,6 +159,24 @@ class ZarrSource(Source):
         out = read_region(self._arrays[level], self._axes, "y", "x", "c", slice(None),
                           y0, y1, x0, x1, self.uri, level)
         return to_output(np.ascontiguousarray(out), self._dtype)
+
+
+def _channel_names(attrs: dict, own: dict, n: int) -> tuple[str, ...] | None:
+    """OME-Zarr ``omero.channels[].label`` (NGFF 0.5 under ``ome``, 0.4 at the top level), or
+    the ``segcore.channel_names`` that ``segcore ingest`` writes."""
+    names = clean_names(own.get("channel_names"), n) if isinstance(
+        own.get("channel_names"), list) else None
+    if names:
+        return names
+    for where in (attrs.get("ome"), attrs):
+        omero = where.get("omero") if isinstance(where, dict) else None
+        chans = omero.get("channels") if isinstance(omero, dict) else None
+        if isinstance(chans, list):
+            names = clean_names([c.get("label") if isinstance(c, dict) else None
+                                 for c in chans], n)
+            if names:
+                return names
+    return None
 
 
 def _scale(transforms: Any, axis: int) -> float | None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from segcore.config import Frozen
+from segcore.config import Frozen, split_names
 from segcore.errors import ConfigError
 
 U2_ARCHS = ("u2net", "u2netp", "u2net-rec", "u2netp-rec")
@@ -85,6 +85,23 @@ class TrainConfig(Frozen):
     resume: str | None = Field(None, description="checkpoint URI to resume from (its .state.pt)")
     pixel_size: float | None = Field(None, gt=0)
     pixel_unit: str | None = None
+    channels: tuple[str, ...] | None = Field(None, description="train on these channels, in "
+                                             "this order: names ('B04,B03,B02', 'DAPI') or "
+                                             "1-based band indices ('4,3,2'); recorded by name "
+                                             "in the checkpoint where the images name them")
+    channel_names: tuple[str, ...] | None = Field(None, description="names for the images' "
+                                                  "channels (for files without names)")
+    normalization: Literal["auto", "scale", "stats"] = Field(
+        "auto", description="'scale': x/255 then the data's mean/std (8-bit images only); "
+        "'stats': per-channel percentiles (clip) and mean/std measured on the training data, "
+        "in raw units, for any dtype; 'auto': scale for 8-bit images, else stats")
+    percentiles: tuple[float, float] = Field((0.5, 99.5), description="stats: the clipping "
+                                             "percentiles, low and high")
+
+    @field_validator("channels", "channel_names", mode="before")
+    @classmethod
+    def _split(cls, v):
+        return split_names(v)
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -92,6 +109,10 @@ class TrainConfig(Frozen):
             raise ConfigError("give exactly one of steps or minutes (e.g. steps=2000 or minutes=15)")
         if self.resize is not None and self.patch > self.resize:
             raise ConfigError(f"patch {self.patch} must be <= resize {self.resize}")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ConfigError(f"percentiles {self.percentiles}: need 0 <= low < high <= 100, "
+                              "e.g. (0.5, 99.5)")
         return self
 
     def use_channels_last(self, device_type: str) -> bool:

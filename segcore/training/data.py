@@ -1,6 +1,11 @@
 """Labelled data: folder pairs (images/ + masks/, matched by stem) and Zarr scene/mask pairs,
 local or any fsspec URI; class maps; random patch sampling with foreground oversampling.
 
+TIFF images are read by segcore's scene reader, so multi-band uint16/float32 images (GeoTIFF,
+OME-TIFF) keep their channel names and nodata value; ``channels`` selects and orders channels
+as ``segment --channels`` does. :func:`input_stats` measures the per-channel statistics a
+``stats`` normalisation stores in the checkpoint.
+
 Everything is loaded once into memory as tensors (training sets here are small; a Zarr pair is
 read lazily, patch by patch). Sampling draws from one ``torch.Generator`` so a run is
 reproducible and resumable bit for bit.
@@ -11,13 +16,14 @@ from __future__ import annotations
 import io
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from segcore.errors import DataError
+from segcore.errors import DataError, InputError
 from segcore.io.uri import get_fs, join, read_bytes
 
 IMAGE_EXT = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -113,10 +119,38 @@ def separate_instances(labels: np.ndarray) -> np.ndarray:
 @dataclass
 class Sample:
     stem: str
-    image: np.ndarray  # HxWxC uint8
+    image: np.ndarray  # HxWxC uint8 (or uint16 / float32 for statistics normalisation)
     mask: np.ndarray   # HxW uint8 {0,1}
     image_uri: str = ""
     mask_uri: str = ""
+    channel_names: tuple[str, ...] | None = None
+    nodata: float | None = None
+
+
+def read_tiff_image(uri: str, channel_names=None) -> tuple[np.ndarray, tuple | None, float | None]:
+    """(HxWxC pixels, channel names, nodata) of a TIFF through segcore's scene reader."""
+    from segcore.io.readers import open_scene
+
+    try:
+        with open_scene(uri, channel_names=channel_names) as sc:
+            i = sc.info
+            return sc.read(0, i.height, 0, i.width), i.channel_names, i.nodata
+    except DataError:
+        raise
+    except InputError as e:
+        raise DataError(f"{e}; use PNG, JPEG or TIFF") from e
+
+
+def select_channels(s: Sample, channels, uri: str) -> Sample:
+    """``s`` with ``channels`` (names or 1-based indices, as ``segment --channels``)."""
+    from segcore.io.readers import resolve_channels
+
+    sel = resolve_channels(channels, s.channel_names, s.image.shape[2], uri)
+    if sel is None:
+        return s
+    names = None if s.channel_names is None else tuple(s.channel_names[i] for i in sel)
+    return Sample(s.stem, np.ascontiguousarray(s.image[..., list(sel)]), s.mask, s.image_uri,
+                  s.mask_uri, names, s.nodata)
 
 
 def _list(fs, path: str) -> list[str]:
@@ -168,23 +202,36 @@ def find_pairs(data: str, stems: set[str] | None = None) -> list[tuple[str, str,
     return [(s, proto + imgs[s], proto + masks[s]) for s in sorted(imgs, key=key)]
 
 
-def load_folder(data: str, stems: str | set[str] | None = None, class_map="binary") -> list[Sample]:
+def load_folder(data: str, stems: str | set[str] | None = None, class_map="binary",
+                channels=None, channel_names=None) -> list[Sample]:
+    """Samples of a folder (or Zarr pair). ``channel_names`` names the images' channels (for
+    files without names); ``channels`` then selects and orders them (names or 1-based)."""
     if isinstance(stems, str):
         stems = parse_stems(stems)
     if data.rstrip("/").endswith(".zarr"):
-        return load_zarr_pair(data, class_map)
+        return [select_channels(s, channels, data) for s in load_zarr_pair(data, class_map)]
     out = []
     for stem, iu, mu in find_pairs(data, stems):
-        img, mask = read_image(iu), read_image(mu)
+        names = nodata = None
+        if iu.lower().endswith((".tif", ".tiff")):
+            img, names, nodata = read_tiff_image(iu, channel_names)
+        else:
+            img = read_image(iu)
+        mask = read_image(mu)
         if img.shape[:2] != mask.shape[:2]:
             raise DataError(f"{iu}: image is {img.shape[1]}x{img.shape[0]} but its mask {mu} is "
                             f"{mask.shape[1]}x{mask.shape[0]} (WxH); masks must match their image")
         if img.ndim == 2:
             img = img[..., None]
-        if img.dtype != np.uint8:
-            raise DataError(f"{iu}: {img.dtype} image; training expects 8-bit images "
-                            "(convert, or ingest and rescale to uint8 first)")
-        out.append(Sample(stem, img, map_mask(mask, class_map, mu), iu, mu))
+        if channel_names is not None and names is None:
+            if len(channel_names) != img.shape[2]:
+                raise DataError(f"{iu}: {img.shape[2]} channel(s) but {len(channel_names)} "
+                                "channel names given")
+            names = tuple(channel_names)
+        if img.dtype not in (np.uint8, np.uint16, np.float32):
+            raise DataError(f"{iu}: {img.dtype} image; training reads uint8, uint16 or float32")
+        smp = Sample(stem, img, map_mask(mask, class_map, mu), iu, mu, names, nodata)
+        out.append(select_channels(smp, channels, iu))
     return out
 
 
@@ -224,17 +271,23 @@ def resize_sample(s: Sample, size: int) -> Sample:
     img = F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     m = torch.from_numpy(s.mask)[None, None].float()
     m = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False) >= 0.5
-    return Sample(s.stem, img[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy(),
-                  m[0, 0].numpy().astype(np.uint8), s.image_uri, s.mask_uri)
+    img = img[0].permute(1, 2, 0)
+    img = img.round().clamp(0, 255).byte() if s.image.dtype == np.uint8 else \
+        img.round().clamp(0, 65535).to(torch.int32) if s.image.dtype == np.uint16 else img
+    return Sample(s.stem, img.numpy().astype(s.image.dtype), m[0, 0].numpy().astype(np.uint8),
+                  s.image_uri, s.mask_uri, s.channel_names, s.nodata)
 
 
 @dataclass
 class PatchSampler:
-    """Random patches (float image in [0,1] NCHW, float mask N1HW) from in-memory samples."""
+    """Random patches (float image in [0,1] NCHW, float mask N1HW) from in-memory samples.
+    ``unit``: maps a sample's raw (h, w, c) pixels to float32 in [0, 1] (statistics
+    normalisation); without it images must be uint8 and are divided by 255."""
 
     samples: list[Sample]
     patch: int
     fg_fraction: float = 0.0
+    unit: Any = None
     _imgs: list[torch.Tensor] = field(default_factory=list, init=False)
     _masks: list[torch.Tensor] = field(default_factory=list, init=False)
     _fg: list[torch.Tensor] = field(default_factory=list, init=False)
@@ -244,13 +297,17 @@ class PatchSampler:
             raise DataError("no training samples; check the data folder and stem selection")
         p = self.patch
         for s in self.samples:
-            img = torch.from_numpy(np.ascontiguousarray(s.image)).permute(2, 0, 1)
+            raw = s.image if self.unit is None else self.unit(s.image, s.nodata)
+            if raw.dtype != np.uint8 and self.unit is None:
+                raise DataError(f"{s.image_uri}: {raw.dtype} image; 8-bit images only with "
+                                "normalization 'scale' (use 'stats' or 'auto')")
+            img = torch.from_numpy(np.ascontiguousarray(raw)).permute(2, 0, 1)
             m = torch.from_numpy(np.ascontiguousarray(s.mask))[None]
             h, w = m.shape[1:]
             if h < p or w < p:  # reflect-pad small images up to the patch size
                 ph, pw = max(0, p - h), max(0, p - w)
                 pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-                img = F.pad(img[None].float(), pad, mode="reflect")[0].byte()
+                img = F.pad(img[None].float(), pad, mode="reflect")[0].to(img.dtype)
                 m = F.pad(m[None].float(), pad, mode="reflect")[0].byte()
             self._imgs.append(img)
             self._masks.append(m)
@@ -278,7 +335,8 @@ class PatchSampler:
                 x0 = int(u[i, 1] * (w - p + 1))
             imgs.append(img[:, y0:y0 + p, x0:x0 + p])
             masks.append(m[:, y0:y0 + p, x0:x0 + p])
-        return torch.stack(imgs).float() / 255.0, torch.stack(masks).float()
+        x = torch.stack(imgs).float()
+        return (x / 255.0 if self.unit is None else x), torch.stack(masks).float()
 
 
 def channel_stats(samples: list[Sample]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -298,3 +356,71 @@ def channel_stats(samples: list[Sample]) -> tuple[tuple[float, ...], tuple[float
     mean = s / n
     std = np.sqrt(np.maximum(s2 / n - mean**2, 1e-8))
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+STATS_SAMPLES = 1 << 21  # values per channel the statistics are measured on (evenly strided)
+
+
+def valid_values(s: Sample) -> np.ndarray:
+    """(n, c) float64 pixels of ``s`` that hold data (pixels whose every channel is NaN or the
+    nodata value are left out; NaN values of other pixels stay NaN)."""
+    x = s.image.reshape(-1, s.image.shape[2])
+    if x.dtype.kind == "f" or s.nodata is not None:
+        bad = np.isnan(x) if x.dtype.kind == "f" else np.zeros(x.shape, bool)
+        if s.nodata is not None and s.nodata == s.nodata:
+            bad |= x == s.nodata
+        x = x[~bad.all(axis=1)]
+    return x.astype(np.float64)
+
+
+def input_stats(samples: list[Sample], percentiles: tuple[float, float] = (0.5, 99.5)
+                ) -> dict[str, tuple[float, ...]]:
+    """Per-channel robust statistics of the training images in raw units: ``low``/``high`` the
+    given percentiles, ``mean``/``std`` of the values clipped to them (NaN and nodata pixels
+    left out; at most STATS_SAMPLES values per channel, evenly strided, so it stays cheap)."""
+    c = samples[0].image.shape[2]
+    for smp in samples:
+        if smp.image.shape[2] != c:
+            raise DataError(f"{smp.image_uri}: {smp.image.shape[2]} channels, others have {c}; "
+                            "all images must have the same number of channels")
+    total = sum(int(np.prod(smp.image.shape[:2])) for smp in samples)
+    step = max(1, total // STATS_SAMPLES)
+    parts = [valid_values(smp)[::step] for smp in samples]
+    x = np.concatenate(parts) if parts else np.zeros((0, c))
+    low, high, mean, std = [], [], [], []
+    for k in range(c):
+        v = x[:, k]
+        v = v[np.isfinite(v)]
+        if not v.size:
+            raise DataError(f"channel {k + 1} holds no data (all NaN or nodata) in the training "
+                            "images; drop it with --channels")
+        lo, hi = (float(q) for q in np.percentile(v, percentiles))
+        v = np.clip(v, lo, hi)
+        m, sd = float(v.mean()), float(v.std())
+        sd = max(sd, 1e-6 * max(1.0, abs(m)), 1e-12)  # a constant channel still divides
+        low.append(lo), high.append(hi), mean.append(m), std.append(sd)
+
+    def r(vals):
+        return tuple(float(f"{v:.7g}") for v in vals)
+
+    return {"low": r(low), "high": r(high), "mean": r(mean), "std": r(std)}
+
+
+def unit_mapper(norm) -> Any:
+    """(raw (h, w, c), nodata) -> float32 in [0, 1] for a stats normalisation: clip to
+    low/high and rescale; NaN and nodata pixels take the channel mean's value (the model then
+    sees 0 there, as at inference)."""
+    lo = np.asarray(norm.low, np.float32)
+    hi = np.asarray(norm.high, np.float32)
+    span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
+    fill = ((np.asarray(norm.mean, np.float32) - lo) / span).astype(np.float32)
+
+    def unit(raw: np.ndarray, nodata: float | None = None) -> np.ndarray:
+        x = raw.astype(np.float32)
+        bad = np.isnan(x)
+        if nodata is not None and nodata == nodata:
+            bad |= np.broadcast_to((x == nodata).all(axis=-1, keepdims=True), x.shape)
+        x = (np.clip(x, lo, hi) - lo) / span
+        return np.where(bad, fill, x).astype(np.float32)
+
+    return unit

@@ -30,7 +30,14 @@ from segcore.models.checkpoint import read_checkpoint, save_checkpoint
 from segcore.models.registry import build_model
 from segcore.training.augment import augment_batch
 from segcore.training.config import TrainConfig
-from segcore.training.data import PatchSampler, channel_stats, load_folder, resize_sample
+from segcore.training.data import (
+    PatchSampler,
+    channel_stats,
+    input_stats,
+    load_folder,
+    resize_sample,
+    unit_mapper,
+)
 from segcore.training.losses import border_weight_map, deep_supervision_loss, seg_loss
 from segcore.training.metrics import dice
 from segcore.training.predict import amp_dtype, autocast, normalise, predict_image
@@ -86,8 +93,9 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
 
 
 def prepare_data(cfg: TrainConfig):
-    train = load_folder(cfg.data, cfg.data_stems, cfg.class_map)
-    val = load_folder(cfg.val, cfg.val_stems, cfg.class_map) if cfg.val else []
+    train = load_folder(cfg.data, cfg.data_stems, cfg.class_map, cfg.channels, cfg.channel_names)
+    val = load_folder(cfg.val, cfg.val_stems, cfg.class_map, cfg.channels,
+                      cfg.channel_names) if cfg.val else []
     if cfg.resize:
         train = [resize_sample(s, cfg.resize) for s in train]
     channels = train[0].image.shape[2]
@@ -98,10 +106,27 @@ def prepare_data(cfg: TrainConfig):
         if s.image.shape[2] != channels:
             raise DataError(f"{s.image_uri}: {s.image.shape[2]} channels, training images have "
                             f"{channels}")
-    mean, std = channel_stats(train)
-    contract = InputContract(channels=channels, normalization=Normalization(
-        scale=255.0, mean=mean, std=std), class_names=cfg.class_names,
-        pixel_size=cfg.pixel_size, pixel_unit=cfg.pixel_unit)
+    mode = cfg.normalization
+    if mode == "auto":
+        mode = "scale" if all(s.image.dtype == np.uint8 for s in train) else "stats"
+    if mode == "scale":
+        bad = next((s for s in train if s.image.dtype != np.uint8), None)
+        if bad is not None:
+            raise DataError(f"{bad.image_uri}: {bad.image.dtype} image; normalization 'scale' "
+                            "(x/255) is for 8-bit images: use 'stats' (or 'auto')")
+        mean, std = channel_stats(train)
+        norm = Normalization(scale=255.0, mean=mean, std=std)
+    else:
+        st = input_stats(train, cfg.percentiles)
+        norm = Normalization(mode="stats", scale=1.0, percentiles=cfg.percentiles, **st)
+    names = {s.channel_names for s in train}
+    if len(names) > 1:
+        raise DataError(f"{cfg.data}: the images name their channels differently "
+                        f"({sorted(str(n) for n in names)[:3]}); select the same channels "
+                        "by name with channels/--channels")
+    contract = InputContract(channels=channels, normalization=norm, class_names=cfg.class_names,
+                             pixel_size=cfg.pixel_size, pixel_unit=cfg.pixel_unit,
+                             channel_names=names.pop())
     return train, val, contract
 
 
@@ -111,7 +136,8 @@ def validate(model: nn.Module, val, contract: InputContract, cfg: TrainConfig,
     model.eval()
     scores = [dice(s.mask, predict_image(model, s.image, contract.normalization, device,
                                          cfg.resize, cfg.bf16,
-                                         cfg.use_channels_last(device.type)) >= 0.5)
+                                         cfg.use_channels_last(device.type),
+                                         nodata=s.nodata) >= 0.5)
               for s in val]
     model.train(was)
     return float(np.mean(scores))
@@ -200,7 +226,9 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
         opt.load_state_dict(opt_state)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device, cfg.bf16) == torch.float16 \
         else None
-    sampler = PatchSampler(train, cfg.patch, cfg.fg_fraction)
+    norm = contract.normalization
+    sampler = PatchSampler(train, cfg.patch, cfg.fg_fraction,
+                           unit_mapper(norm) if norm.mode == "stats" else None)
     per_rank = cfg.batch // world
     extra = {"resize": cfg.resize, "class_map": cfg.class_map, "arch": cfg.arch,
              "patch": cfg.patch, "data": cfg.data, "data_stems": cfg.data_stems}

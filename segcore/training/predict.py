@@ -28,16 +28,48 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def normalise(x: torch.Tensor, norm: Normalization, scaled: bool = True) -> torch.Tensor:
-    """x in [0,1] (scaled=True) or raw -> (x - mean) / std per channel."""
-    if not scaled:
-        x = x / norm.scale
+def to_unit(x: torch.Tensor, norm: Normalization, nodata: float | None = None) -> torch.Tensor:
+    """Raw NCHW pixels -> the [0, 1] space training patches live in: x / scale, or for a
+    statistics normalisation (clip(x, low, high) - low) / (high - low). NaN values and pixels
+    whose every channel is ``nodata`` take the channel mean's value (input 0 to the model)."""
     c = x.shape[1]
-    mean = torch.tensor(norm.mean, dtype=x.dtype, device=x.device)
-    std = torch.tensor(norm.std, dtype=x.dtype, device=x.device)
-    if mean.numel() == 1:
-        mean, std = mean.expand(c), std.expand(c)
-    return (x - mean.view(1, c, 1, 1)) / std.view(1, c, 1, 1)
+
+    def per_channel(v) -> torch.Tensor:
+        t = torch.tensor(v, dtype=x.dtype, device=x.device)
+        return (t.expand(c) if t.numel() == 1 else t).view(1, c, 1, 1)
+
+    x = x.float() if not x.is_floating_point() else x
+    bad = torch.isnan(x)
+    if nodata is not None and nodata == nodata:
+        bad = bad | (x == nodata).all(1, keepdim=True)
+    if norm.mode == "stats":
+        lo, hi = per_channel(norm.low), per_channel(norm.high)
+        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        u = (torch.minimum(torch.maximum(x, lo), hi) - lo) / span
+        fill = (per_channel(norm.mean) - lo) / span
+    else:
+        u, fill = x / norm.scale, per_channel(norm.mean)
+    return torch.where(bad, fill.expand_as(u), u) if bool(bad.any()) else u
+
+
+def normalise(x: torch.Tensor, norm: Normalization, scaled: bool = True) -> torch.Tensor:
+    """x in [0,1] (scaled=True: the space of :func:`to_unit`) or raw -> model input, per
+    channel: (x - mean) / std, or for a statistics normalisation (x * (high - low) + low -
+    mean) / std, i.e. (clip(raw, low, high) - mean) / std."""
+    if not scaled:
+        x = to_unit(x, norm)
+    c = x.shape[1]
+
+    def per_channel(v) -> torch.Tensor:
+        t = torch.tensor(v, dtype=x.dtype, device=x.device)
+        return (t.expand(c) if t.numel() == 1 else t).view(1, c, 1, 1)
+
+    mean, std = per_channel(norm.mean), per_channel(norm.std)
+    if norm.mode == "stats":
+        lo, hi = per_channel(norm.low), per_channel(norm.high)
+        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        x = x * span + lo
+    return (x - mean) / std
 
 
 def _forward(model: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool,
@@ -60,8 +92,10 @@ def _forward(model: nn.Module, x: torch.Tensor, device: torch.device, bf16: bool
 def predict_image(model: nn.Module, image: np.ndarray, norm: Normalization,
                   device: torch.device | str = "cpu", resize: int | None = None,
                   bf16: bool = False, channels_last: bool = False,
-                  tta: str | None = None) -> np.ndarray:
-    """Foreground probability (H, W) float32 for an (H, W, C) or (H, W) uint8 image.
+                  tta: str | None = None, nodata: float | None = None) -> np.ndarray:
+    """Foreground probability (H, W) float32 for an (H, W, C) or (H, W) image (uint8; or any
+    dtype for a statistics normalisation; NaN and ``nodata`` pixels are filled as at
+    inference).
 
     ``tta``: average the probabilities over transformed copies of the image, each mapped back:
     "d8" = the 8 flips/rotations (models trained with flips + rot90, e.g. EM or pathology),
@@ -73,7 +107,7 @@ def predict_image(model: nn.Module, image: np.ndarray, norm: Normalization,
         image = image[..., None]
     h, w = image.shape[:2]
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().to(device)
-    x = x / norm.scale
+    x = to_unit(x, norm, nodata)
     if resize:
         x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True,
                           align_corners=False)
