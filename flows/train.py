@@ -8,18 +8,27 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.common import STEP
+from segcore.cluster import ClusterConfig
 from segcore.training import TrainConfig, train
 
 
 @task(name="train", **{**STEP, "retries": 0})  # a crashed run resumes from cfg.resume instead
-def train_task(cfg: TrainConfig) -> dict:
-    return asdict(train(cfg, progress=False))
+def train_task(cfg: TrainConfig, cluster: ClusterConfig | None = None, ranks: int = 1) -> dict:
+    if cluster is None:  # in this (the Prefect worker's) process
+        return asdict(train(cfg, progress=False))
+    from segcore.cluster import open_client
+    from segcore.training.distributed import train_distributed
+
+    # one rank per Dask worker (a GPU worker each with resources GPU=1), rank 0 writes
+    with open_client(cluster) as (client, _):
+        return asdict(train_distributed(cfg, client, ranks))
 
 
 @flow(name="train-model", validate_parameters=True)
-def train_model(cfg: TrainConfig) -> dict:
-    """Train a model; the checkpoint (with its contract) goes to ``cfg.out``."""
-    res = train_task(cfg)
+def train_model(cfg: TrainConfig, cluster: ClusterConfig | None = None, ranks: int = 1) -> dict:
+    """Train a model; the checkpoint (with its contract) goes to ``cfg.out``. With ``cluster``
+    the training runs on its Dask workers, ``ranks`` DDP ranks (one per worker), not here."""
+    res = train_task(cfg, cluster, ranks)
     best = res.get("best_val")
     md = "\n".join([
         f"# segcore training `{cfg.arch}`", "", "| field | value |", "|---|---|",

@@ -145,7 +145,7 @@ def _reduce(src: Scene, s: int, feature, mean: bool) -> np.ndarray:
 def _valid(block: np.ndarray, nodata: float) -> np.ndarray:
     v = block != nodata
     if block.dtype.kind == "f":
-        v &= ~np.isnan(block)
+        v &= np.isfinite(block)  # NaN and +-inf are not data
     return v.any(axis=-1).astype(np.uint8)
 
 

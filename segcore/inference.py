@@ -55,10 +55,11 @@ NODATA_LABEL = 255  # the mask value of pixels without data (never a class; COG 
 
 def invalid_pixels(raw: np.ndarray, nodata: float | None) -> np.ndarray | None:
     """(..., h, w) bool: pixels whose every channel is NaN or the scene's ``nodata`` value, for
-    (..., h, w, c) raw pixels; None when no pixel can be invalid (integer data, no nodata)."""
+    (..., h, w, c) raw pixels; None when no pixel can be invalid (integer data, no nodata).
+    Infinite values count as NaN: not data (they would spread through the receptive field)."""
     if raw.dtype.kind != "f" and nodata is None:
         return None
-    bad = np.isnan(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, bool)
+    bad = ~np.isfinite(raw) if raw.dtype.kind == "f" else np.zeros(raw.shape, bool)
     if nodata is not None and nodata == nodata:
         bad |= raw == nodata
     return bad.all(axis=-1)
@@ -72,13 +73,14 @@ def normalize(raw: np.ndarray, contract: InputContract,
     c = raw.shape[-1]
     a, b = norm_affine(contract, c)
     x = raw.astype(np.float32)
+    nonfinite = ~np.isfinite(x) if raw.dtype.kind == "f" else None  # NaN and +-inf
     clip = norm_clip(contract, c)
     if clip is not None:
         np.clip(x, clip[0], clip[1], out=x)
     x *= a
     x += b
     if raw.dtype.kind == "f" or nodata is not None:
-        fill = np.isnan(x)
+        fill = nonfinite if nonfinite is not None else np.zeros(x.shape, bool)
         bad = invalid_pixels(raw, nodata)
         if bad is not None:
             fill |= bad[..., None]
@@ -214,7 +216,7 @@ class Predictor:
             x = x.permute(0, 3, 1, 2).to(torch.float32)
             bad = fill = None
             if raw.dtype.kind == "f" or nodata is not None:
-                fill = torch.isnan(x)
+                fill = ~torch.isfinite(x)  # NaN and +-inf: not data
                 miss = fill if nodata is None or nodata != nodata else fill | (x == nodata)
                 bad = miss.all(1)
                 fill = fill | bad[:, None]

@@ -5,7 +5,8 @@ Output under ``cfg.out`` (a local path or any fsspec prefix)::
     result.zarr/            OME-Zarr 0.5: probabilities (c, y, x) as the image, multiscale
       labels/mask/          ... and the class mask (y, x, uint8) as an OME label image
     shards/<row>_<col>.json per-shard completion records (digest of the shard's bytes)
-    plan.json               what was planned (a changed plan restarts; the same plan resumes)
+    plan.json               what was planned (a changed plan restarts; the same plan resumes;
+                            another scene's plan is refused, never overwritten)
     report.json             written at the end
     preview.png             mask over a thumbnail
     COMPLETE                written last: only then does the result count as complete
@@ -25,9 +26,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from segcore.config import Frozen, split_names
-from segcore.errors import IncompleteResultError, InputError
+from segcore.errors import ConfigError, IncompleteResultError, InputError
 from segcore.execute import run_tasks
-from segcore.io.uri import exists, get_fs, join, read_bytes, write_bytes_atomic
+from segcore.io.uri import exists, get_fs, is_local, join, read_bytes, write_bytes_atomic
 from segcore.models.checkpoint import read_checkpoint
 from segcore.models.fields import ReceptiveField, cached_receptive_field
 from segcore.tiling import TileGrid, plan_tiles, round_up
@@ -245,7 +246,7 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
     from segcore.io.channels import channels_for_model
     from segcore.io.readers import open_scene
 
-    ckpt, _ = read_checkpoint(read_bytes(cfg.model), cfg.model)
+    ckpt, tensors = read_checkpoint(read_bytes(cfg.model), cfg.model)
     scene = open_scene(cfg.src, level=cfg.level, mpp=cfg.mpp, channel_names=cfg.channel_names)
     try:
         scene, picked = channels_for_model(scene, cfg.channels, ckpt.contract, cfg.model)
@@ -255,12 +256,17 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
                 f"{cfg.src}: has {info.channels} channel(s) but the model {cfg.model} expects "
                 f"{ckpt.spec.in_channels}; pick a matching scene or model"
             )
+        check_input_dtype(info.dtype, ckpt.contract, cfg.src, cfg.model)
         import torch
 
+        from segcore.models.checkpoint import check_weights
         from segcore.models.registry import build_model
 
         with torch.device("meta"):  # shapes only: no weights allocated or initialised
-            multiple = int(getattr(build_model(ckpt.spec), "input_multiple", 1))
+            meta_model = build_model(ckpt.spec)
+        check_weights(meta_model, tensors, cfg.model, ckpt.spec.arch)  # before any write
+        del tensors
+        multiple = int(getattr(meta_model, "input_multiple", 1))
         rf = cached_receptive_field(ckpt.spec)
         tile, batch, notes = cfg.tile, cfg.batch, []
         if tile == "auto":
@@ -303,6 +309,18 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
     if max(level_shape(info.height, info.width, lv)) <= PREVIEW_SIDE:
         p.thumb_stride = 2 ** lv
     return p
+
+
+def check_input_dtype(dtype: str, contract, src: str, model: str) -> None:
+    """Refuse 16-bit or float pixels for a model whose normalisation divides by 255 (what
+    ``segcore train`` records for 8-bit training data): its output would be meaningless."""
+    n = contract.normalization
+    if n.mode == "scale" and n.scale == 255.0 and dtype != "uint8":
+        raise InputError(
+            f"{src}: holds {dtype} pixels but the model {model} was trained on 8-bit input "
+            "(its normalisation divides by 255); convert the scene to 8 bits (e.g. "
+            "gdal_translate -ot Byte -scale), or use a model trained on such data (segcore "
+            "train --normalization stats)")
 
 
 def _auto_tile(cfg: SegmentConfig, spec, multiple: int, rf: ReceptiveField, info):
@@ -352,6 +370,26 @@ def _rm(out: str, name: str) -> None:
         pass
 
 
+def _old_plan(uri: str) -> dict:
+    try:
+        old = json.loads(read_bytes(uri))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        old = None
+    if not isinstance(old, dict):
+        raise ConfigError(f"{uri}: is not a segcore plan; the output prefix holds something "
+                          "else: choose another one, or delete it first")
+    return old
+
+
+def _scene_key(uri: str) -> str:
+    """A scene URI for comparison: local paths resolved (./a.tif is a.tif)."""
+    if not is_local(uri):
+        return uri
+    import os
+
+    return os.path.realpath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
 def prepare(p: ScenePlan) -> str:
     """Create (or reuse, for a resume) the output arrays. Returns 'complete', 'resume' or
     'new'."""
@@ -362,9 +400,13 @@ def prepare(p: ScenePlan) -> str:
     cfg, info = p.cfg, p.info
     plan_uri = join(cfg.out, "plan.json")
     if exists(plan_uri):
-        old = json.loads(read_bytes(plan_uri))
+        old = _old_plan(plan_uri)
         if old.get("signature") == p.signature:
             return "complete" if is_complete(cfg.out) else "resume"
+        if old.get("src") is not None and _scene_key(old["src"]) != _scene_key(cfg.src):
+            raise ConfigError(  # a changed plan of the same scene restarts; another scene's
+                f"{cfg.out}: holds the result of another scene ({old['src']}); segment "
+                f"{cfg.src} into another output prefix, or delete {cfg.out} first")
     for name in ("COMPLETE", "report.json", "plan.json", "shards", RESULT, "preview.png",
                  "seams.png", "objects.json", "objects.parquet", "objects.csv", "polygons.parquet",
                  "mask.tif", "mask.cog.tif", "mask.ome.tif", "objects.qupath.geojson",
@@ -392,7 +434,7 @@ def prepare(p: ScenePlan) -> str:
         **({"nodata_label": NODATA_LABEL} if nodata else {}),
     }
     write_bytes_atomic(plan_uri, json.dumps({
-        "signature": p.signature, "tiles": len(p.grid.tiles), "core": p.grid.core,
+        "signature": p.signature, "src": cfg.src, "tiles": len(p.grid.tiles), "core": p.grid.core,
         "halo": p.grid.halo, "tile": p.grid.tile, "levels": n_levels,
     }).encode())
     return "new"

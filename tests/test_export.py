@@ -34,7 +34,7 @@ def write_geotiff(path, img):
 @pytest.fixture(scope="module")
 def geo_result(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("geo")
-    _, _, ckpt = make_model(tmp, cin=1)
+    _, _, ckpt = make_model(tmp, cin=1, scale=4000.0)  # a 16-bit model
     rng = np.random.default_rng(1)
     img = rng.integers(1, 4000, size=(300, 260)).astype(np.uint16)  # nonzero: no nodata
     src = tmp / "scene.tif"

@@ -18,13 +18,14 @@ from segcore.pipeline import SegmentConfig, is_complete, load_report, segment
 from segcore.stitching import predict_whole
 
 
-def make_model(tmp_path, arch="unet", cin=3, kwargs=None, name="m.safetensors"):
+def make_model(tmp_path, arch="unet", cin=3, kwargs=None, name="m.safetensors", scale=255.0):
+    """A tiny model; ``scale`` 255 means 8-bit input (segment refuses other dtypes for it)."""
     torch.manual_seed(0)
     kwargs = {"depth": 2, "width": 4} if kwargs is None and arch == "unet" else (kwargs or {})
     model = build_model(ModelSpec(arch=arch, in_channels=cin, out_channels=1,
                                   kwargs=kwargs)).eval()
     contract = InputContract(channels=cin, normalization=Normalization(
-        scale=255.0, mean=(0.5,) * cin, std=(0.25,) * cin))
+        scale=scale, mean=(0.5,) * cin, std=(0.25,) * cin))
     uri = str(tmp_path / name)
     save_checkpoint(model, uri, contract)
     return model, contract, uri
@@ -126,7 +127,7 @@ def test_changed_plan_starts_over(tmp_path):
 
 
 def test_background_tiles_are_skipped_and_counted(tmp_path):
-    _, _, ckpt = make_model(tmp_path, cin=1)
+    _, _, ckpt = make_model(tmp_path, cin=1, scale=1000.0)  # a 16-bit model
     img = np.zeros((256, 256), np.uint16)
     img[10:60, 10:60] = 1000  # one corner has data; the rest is nodata 0
     src = str(tmp_path / "sat.tif")

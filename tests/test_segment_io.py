@@ -142,7 +142,7 @@ def test_real_svs_slide(tmp_path):
 
 def test_real_geotiff_keeps_crs_and_transform(tmp_path):
     tif = shared_dataset("satellite-spacenet-solaris") / "buildings_atlanta" / "image_pan.tif"
-    _, _, ckpt = make_model(tmp_path, cin=1)
+    _, _, ckpt = make_model(tmp_path, cin=1, scale=2047.0)  # uint16 pan band: a 16-bit model
     out = tmp_path / "out"
     r = segment(SegmentConfig(src=str(tif), out=str(out), model=ckpt, tile=256, halo="auto"),
                 progress=False)

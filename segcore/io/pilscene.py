@@ -57,7 +57,12 @@ class PilSource(Source):
             with Image.open(io.BytesIO(self._data)) as im:
                 mode, (w, h) = im.mode, im.size
                 dpi = im.info.get("dpi")
-        except (OSError, Image.DecompressionBombError, ValueError) as e:
+        except Image.DecompressionBombError as e:  # a tiny file that declares a huge image
+            raise InputError(
+                f"{uri}: refused, a possible decompression bomb ({e}); PNG/JPEG are decoded "
+                "whole: if the image is real, convert it to a tiled TIFF or a chunked Zarr "
+                "(e.g. vips tiffsave --tile) and segment that") from e
+        except (OSError, ValueError) as e:
             raise InputError(f"{uri}: not a readable {fmt.upper()} ({e})") from e
         if self._png16:
             channels, dtype = 3, "uint16"

@@ -18,6 +18,43 @@ NATIVE = ("uint8", "uint16", "float32")
 TO_FLOAT32 = ("int8", "int16", "float16", "int32", "uint32", "int64", "uint64", "float64")
 
 
+# What a scene may declare before segcore refuses it (docs/RELIABILITY.md, hostile inputs): a
+# header is only a claim, and a tiny file can declare 10^12 pixels or one 30 GB chunk.
+MAX_PIXELS = 10**11  # pixels at the chosen level (316k x 316k); SEGCORE_MAX_PIXELS overrides
+MAX_CHUNK_BYTES = 2**31  # one chunk (TIFF tile or strip, Zarr chunk) decodes whole on a read
+
+
+def max_pixels() -> int:
+    import os
+
+    env = os.environ.get("SEGCORE_MAX_PIXELS", "").strip()
+    return int(env) if env.isdigit() and int(env) > 0 else MAX_PIXELS
+
+
+def check_scene_size(uri: str, level: int, height: int, width: int) -> None:
+    """Refuse a level that declares more pixels than ``max_pixels()``: before anything is
+    read or planned (planning and the foreground pass scale with the pixel count)."""
+    n, limit = int(height) * int(width), max_pixels()
+    if n > limit:
+        raise InputError(
+            f"{uri}: level {level} declares {height} x {width} pixels ({n:.3g}), more than "
+            f"segcore's limit of {limit:.3g}; if the header is damaged, export the file again; "
+            "if the scene is real, pick a coarser --level/--mpp or raise SEGCORE_MAX_PIXELS"
+        )
+
+
+def check_chunk(uri: str, level: int, chunks: tuple[int, ...], itemsize: int) -> None:
+    """Refuse a level whose chunks (what one read decodes whole) exceed MAX_CHUNK_BYTES."""
+    size = int(np.prod([int(c) for c in chunks], dtype=np.float64)) * int(itemsize)
+    if size > MAX_CHUNK_BYTES:
+        raise InputError(
+            f"{uri}: level {level} is stored in chunks of {' x '.join(map(str, chunks))} "
+            f"({size / 2**30:.3g} GiB decoded each), more than segcore reads at once "
+            f"({MAX_CHUNK_BYTES / 2**30:.3g} GiB); save it tiled (e.g. 512 x 512 tiles: "
+            "tifffile tile=, gdal_translate -co TILED=YES, or a chunked Zarr)"
+        )
+
+
 def output_dtype(dtype: Any, uri: str) -> np.dtype:
     """The dtype a scene serves for pixels stored as ``dtype`` (or InputError)."""
     dt = np.dtype(dtype)
@@ -128,7 +165,7 @@ def read_region(arr: Any, axes: str, y: str, x: str, c: str | None, channels: sl
     except Exception as e:  # decoder errors have many types (imagecodecs, zlib, tifffile, zarr)
         raise InputError(
             f"{uri}: cannot decode region {where}: {type(e).__name__}: {e}; the file is "
-            "corrupt or truncated"
+            "corrupt or truncated: copy or export it again"
         ) from e
     if c is None or c not in kept:
         out, kept = out[..., None], kept + "\0"

@@ -37,7 +37,7 @@ import numpy as np
 from segcore.errors import ConfigError, InputError
 from segcore.io import geo as geomod
 from segcore.io.channels import describe_channels, resolve_channels  # noqa: F401  (re-export)
-from segcore.io.pixels import Source, SourceMeta, level_ratio
+from segcore.io.pixels import Source, SourceMeta, check_scene_size, level_ratio
 from segcore.io.uri import get_fs, is_local, reading
 
 FORMATS = ("tiff", "svs", "ome-tiff", "geotiff", "png", "jpeg", "zarr", "ome-zarr", "dicom")
@@ -98,7 +98,7 @@ def detect_format(uri: str) -> str:
         if head.startswith(magic):
             return fmt
     if not head:
-        raise InputError(f"{uri}: is empty (0 bytes), not an image")
+        raise InputError(f"{uri}: is empty (0 bytes), not an image; copy or export it again")
     raise InputError(
         f"{uri}: not an image: the content starts with {head[:8]!r}, which is not TIFF, PNG, "
         "JPEG or DICOM (and it is not a Zarr directory); check the file"
@@ -312,6 +312,7 @@ def open_scene(uri: str, level: int | None = None, mpp: float | None = None,
     src = _open_source(uri)
     try:
         lv = choose_level(src.meta, level, mpp)
+        check_scene_size(uri, lv, *src.meta.level_shapes[lv])  # before any read or plan
         src.open_level(lv)
         info = _info(src.meta, lv)
         names = None

@@ -22,6 +22,7 @@ from segcore.io import geo as geomod
 from segcore.io.pixels import (
     Source,
     SourceMeta,
+    check_chunk,
     clean_names,
     output_dtype,
     parse_nodata,
@@ -151,7 +152,9 @@ class TiffSource(Source):
         self._check_complete(lv, level)
         store = self._tif.series[0].aszarr(level=level)
         self._stores.append(store)
-        self._arrays[level] = zarr.open_array(store, mode="r")
+        arr = zarr.open_array(store, mode="r")
+        check_chunk(self.uri, level, arr.chunks, arr.dtype.itemsize)  # a strip decodes whole
+        self._arrays[level] = arr
 
     def _check_complete(self, lv: Any, level: int) -> None:
         """Every tile/strip of the level must lie inside the file (tifffile would not notice)."""

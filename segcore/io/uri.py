@@ -16,7 +16,9 @@ attempts and 3 minutes. Each retry is logged at DEBUG by ``botocore.retries.stan
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import sys
 import uuid
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
-from segcore.errors import ConfigError, InputError, StorageError
+from segcore.errors import ConfigError, InputError, SegcoreError, StorageError
 
 S3_MAX_ATTEMPTS = 3  # botocore: attempts per request, first included (SEGCORE_S3_MAX_ATTEMPTS)
 S3FS_RETRIES = 2  # s3fs: tries around each call and each body read (its default is 5)
@@ -39,6 +41,61 @@ def s3_max_attempts() -> int:
         raise ConfigError(f"SEGCORE_S3_MAX_ATTEMPTS={env!r} must be a whole number >= 1 "
                           f"(attempts per S3 request; default {S3_MAX_ATTEMPTS})")
     return int(env)
+
+
+# Credentials never reach a log (docs/RELIABILITY.md, secrets). At DEBUG botocore logs each
+# request's headers ("botocore.endpoint": Authorization with the access key id, and
+# X-Amz-Security-Token), the canonical request ("botocore.auth": the session token) and error
+# bodies ("botocore.parsers"): the loggers one enables to see retries, and the ones Prefect
+# ships to its API when listed in PREFECT_LOGGING_EXTRA_LOGGERS. Their records are redacted.
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+REDACTED = "***"
+_CREDENTIAL_PATTERNS = (
+    re.compile(r"(?i)((?:x-amz-)?credential=)([^/%\s,'\"&]+)"),  # access key id, then /date/...
+    re.compile(r"(?i)(x-amz-security-token['\"]?\s*[:=]\s*b?['\"]?)([^\s,'\"&]+)"),
+)
+_REDACTED_LOGGERS = ("botocore.endpoint", "botocore.auth", "botocore.parsers",
+                     "aiobotocore.endpoint")
+
+
+def redact(text: str) -> str:
+    """``text`` without the AWS credentials of this process's environment, and without any
+    access key id or session token in the forms botocore prints (headers, canonical request)."""
+    for name in CREDENTIAL_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, REDACTED)
+    for pattern in _CREDENTIAL_PATTERNS:
+        text = pattern.sub(lambda m: m.group(1) + REDACTED, text)
+    return text
+
+
+class RedactCredentials(logging.Filter):
+    """A logger filter that rewrites a record's message with :func:`redact`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is the logging module's to report
+            return True
+        clean = redact(msg)
+        if clean != msg:
+            record.msg, record.args = clean, None
+        return True
+
+
+def guard_credential_logs() -> None:
+    """Install :class:`RedactCredentials` on botocore's request loggers (once; cheap: a
+    logger's filters run only for records it emits, and these emit only at DEBUG). Done when
+    this module is imported, so in every process that imports segcore's I/O (CLI, flows, Dask
+    workers), before any S3 client exists; importing botocore is not needed for it."""
+    for name in _REDACTED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactCredentials) for f in logger.filters):
+            logger.addFilter(RedactCredentials())
+
+
+guard_credential_logs()
 
 
 def storage_options(uri: str) -> dict[str, Any]:
@@ -78,12 +135,33 @@ def storage_error_types() -> tuple[type[BaseException], ...]:
 
 
 def get_fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path-within-it) for a URI."""
+    """(filesystem, path-within-it) for a URI. An object-store URI with '.' or '..' segments
+    is refused: object keys are not paths, nothing resolves them consistently (S3 stores the
+    key 'out/../x' as it is, a local mirror of the bucket resolves it outside the prefix)."""
+    if not is_local(uri) and any(seg in (".", "..") for seg in uri.split("://", 1)[1].split("/")):
+        raise InputError(f"{uri}: '.' and '..' segments are not allowed in an object-store URI "
+                         "(keys are not paths: it would escape its prefix in some tools and "
+                         "not in others); write the prefix out without them")
     try:
         fs, path = url_to_fs(uri, **storage_options(uri))
     except (ImportError, ValueError) as e:
-        raise InputError(f"{uri}: unsupported URI ({e})") from e
+        raise InputError(f"{uri}: unsupported URI ({e}); use a local path, file:// or s3:// "
+                         "(or install the fsspec backend for this scheme)") from e
     return bound_retries(fs), path
+
+
+def storage_failure(uri: str, what: str, e: BaseException) -> SegcoreError:
+    """The segcore error for a storage client's failure ``e`` while doing ``what`` on ``uri``:
+    missing credentials are the caller's to fix (ConfigError, not retried), anything else is a
+    StorageError. Messages carry the client's text, never a credential (docs/RELIABILITY.md)."""
+    mod = sys.modules.get("botocore.exceptions")
+    names = ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+    creds = tuple(t for n in names if isinstance(t := getattr(mod, n, None), type))
+    if creds and isinstance(e, creds):
+        return ConfigError(f"{uri}: {what}: no usable S3 credentials ({e}); set "
+                           "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or give "
+                           "the flow an AwsCredentials block (aws_block)")
+    return StorageError(f"{uri}: {what}: {e}")
 
 
 def is_local(uri: str) -> bool:
@@ -102,7 +180,7 @@ def exists(uri: str) -> bool:
     try:
         return fs.exists(path)
     except storage_error_types() as e:
-        raise StorageError(f"{uri}: cannot check existence: {e}") from e
+        raise storage_failure(uri, "cannot check existence", e) from e
 
 
 @contextlib.contextmanager
@@ -121,7 +199,7 @@ def reading(uri: str, directory: str = "is a directory, expected a file") -> Ite
     except StorageError:
         raise
     except storage_error_types() as e:
-        raise StorageError(f"{uri}: read failed: {e}") from e
+        raise storage_failure(uri, "read failed", e) from e
 
 
 def read_bytes(uri: str) -> bytes:
@@ -147,5 +225,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             os.replace(tmp, path)
         else:
             fs.pipe_file(path, data)
+    except FileNotFoundError as e:  # on an object store: the bucket is missing
+        raise InputError(f"{uri}: cannot write ({e}); create the bucket (or folder) or fix the "
+                         "output URI") from e
     except storage_error_types() as e:
-        raise StorageError(f"{uri}: write failed: {e}") from e
+        raise storage_failure(uri, "write failed", e) from e

@@ -20,6 +20,7 @@ from segcore.errors import InputError, StorageError
 from segcore.io.pixels import (
     Source,
     SourceMeta,
+    check_chunk,
     clean_names,
     output_dtype,
     parse_nodata,
@@ -61,7 +62,10 @@ class ZarrSource(Source):
         except OSError as e:
             raise StorageError(f"{uri}: cannot open Zarr: {e}") from e
         except (ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{uri}: not a readable Zarr ({type(e).__name__}: {e})") from e
+            raise InputError(
+                f"{uri}: not a readable Zarr ({type(e).__name__}: {e}); its zarr.json (or "
+                ".zarray) is damaged or names a codec this installation lacks: write the array "
+                "again with standard codecs (bytes, zstd, blosc, gzip, sharding)") from e
         scale = None
         unit_name = None
         fmt = "zarr"
@@ -154,6 +158,10 @@ class ZarrSource(Source):
                 scale = s * (g if g is not None else 1.0)
                 unit = units.get("x")
         return arrays, names, scale, unit
+
+    def open_level(self, level: int) -> None:
+        arr = self._arrays[level]
+        check_chunk(self.uri, level, arr.chunks, arr.dtype.itemsize)  # zarr.json is a claim
 
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         out = read_region(self._arrays[level], self._axes, "y", "x", "c", slice(None),

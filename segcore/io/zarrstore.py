@@ -17,7 +17,13 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
 from segcore.errors import InputError, StorageError
-from segcore.io.uri import bound_retries, is_local, storage_error_types, storage_options
+from segcore.io.uri import (
+    bound_retries,
+    is_local,
+    storage_error_types,
+    storage_failure,
+    storage_options,
+)
 
 OME_VERSION = "0.5"
 
@@ -49,11 +55,14 @@ def open_group(uri: str, mode: str = "r") -> zarr.Group:
     try:
         return zarr.open_group(open_store(uri, read_only=mode == "r"), mode=mode, zarr_format=3)
     except FileNotFoundError as e:
-        raise InputError(f"{uri}: no Zarr group there") from e
+        if mode == "r":
+            raise InputError(f"{uri}: no Zarr group there") from e
+        raise InputError(f"{uri}: cannot create the Zarr group ({e}); create the bucket or "
+                         "fix the output URI") from e
     except StorageError:
         raise
     except storage_error_types() as e:
-        raise StorageError(f"{uri}: cannot open the Zarr group: {e}") from e
+        raise storage_failure(uri, "cannot open the Zarr group", e) from e
 
 
 def n_levels_for(height: int, width: int, min_side: int = 256, max_levels: int = 8) -> int:

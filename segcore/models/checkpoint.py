@@ -119,6 +119,24 @@ def read_checkpoint(data: bytes, uri: str = "<bytes>") -> tuple[Checkpoint, dict
     return Checkpoint(spec, contract, digest, extra), tensors
 
 
+def check_weights(model: nn.Module, tensors: dict[str, torch.Tensor], uri: str,
+                  arch: str) -> None:
+    """Refuse weights that do not fit ``model`` (names and shapes; ``model`` may live on the
+    meta device): what ``load_state_dict`` would refuse, found before anything is written."""
+    state = model.state_dict()
+    missing, unexpected = set(state) - set(tensors), set(tensors) - set(state)
+    wrong = sorted(k for k in set(state) & set(tensors)
+                   if tuple(state[k].shape) != tuple(tensors[k].shape))
+    if missing or unexpected or wrong:
+        detail = f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}" \
+            if missing or unexpected else \
+            f"{wrong[0]} is {tuple(tensors[wrong[0]].shape)}, the spec builds " \
+            f"{tuple(state[wrong[0]].shape)}; {len(wrong)} tensor(s) differ"
+        raise CheckpointError(
+            f"{uri}: weights do not match the spec {arch!r} ({detail}); the file was not "
+            "written by segcore for these weights: re-export it from the training run")
+
+
 def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Module, Checkpoint]:
     """Rebuild the model from the checkpoint's own spec and load its weights (eval mode)."""
     from segcore.models.registry import build_model

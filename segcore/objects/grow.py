@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def foreground_u8(prob: np.ndarray, encoding: str = "uint8") -> np.ndarray:
     """Foreground probability as uint8 0-255 from the stored probabilities (K, h, w): the one
     channel of a sigmoid model, else 1 - P(background)."""

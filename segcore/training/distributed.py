@@ -1,6 +1,7 @@
 """Distributed data-parallel training over Dask workers: one DDP rank per worker.
 
-The rendezvous address is the scheduler's host and a port found free there; gloo on CPU, nccl
+The rendezvous address is rank 0's own worker address and a port found free there (its
+interface becomes ``GLOO_SOCKET_IFNAME``); gloo on CPU, nccl
 when the worker sees a GPU. A worker's GPU is pinned by its environment (``CUDA_VISIBLE_DEVICES``
 set by LocalCUDACluster or a Nanny ``env``), so inside the rank the device is ``cuda:0``.
 Every rank draws the same global batch from the same seed and trains on its slice, so N ranks
@@ -48,6 +49,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _own_host() -> str | None:
+    """The host part of this Dask worker's own address (None outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        return urlparse(get_worker().address).hostname
+    except ValueError:
+        return None
+
+
+def _interface_of(addr: str | None) -> str | None:
+    """The network interface that carries ``addr`` (an IP), e.g. 'eth0'; None if none does."""
+    if not addr:
+        return None
+    import psutil  # a dependency of distributed
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == addr for a in addrs):
+            return name
+    return None
+
+
 def _rank_main(cfg: TrainConfig, rank: int, world: int, host: str, port: int,
                timeout_s: float) -> TrainResult:
     import torch
@@ -62,6 +85,11 @@ def _rank_main(cfg: TrainConfig, rank: int, world: int, host: str, port: int,
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     if host in ("127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    else:
+        iface = _interface_of(_own_host())
+        if iface:  # gloo would otherwise pick the interface the hostname resolves to
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", iface)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
     dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=timeout_s))
     try:
@@ -85,9 +113,11 @@ def train_distributed(cfg: TrainConfig, client, n_workers: int,
                           "workers; start more workers or lower --workers")
     if cfg.batch % n_workers:
         raise ConfigError(f"batch {cfg.batch} must be divisible by --workers {n_workers}")
-    sched = urlparse(client.scheduler.address)
-    host = sched.hostname or "127.0.0.1"
-    port = client.run_on_scheduler(_free_port)
+    # the rendezvous is served by rank 0 itself: its worker's own address, a port free there
+    # (not the scheduler's host, which is another machine in a multi-host cluster)
+    rank0 = workers[0]
+    host = urlparse(rank0).hostname or "127.0.0.1"
+    port = client.run(_free_port, workers=[rank0])[rank0]
     futures = [client.submit(_rank_main, cfg, r, n_workers, host, port, timeout_s,
                              workers=[w], allow_other_workers=False, pure=False,
                              key=f"segcore-ddp-rank{r}-{port}")

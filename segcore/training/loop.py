@@ -192,8 +192,10 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
         if ckpt.spec != spec:
             raise CheckpointError(f"{cfg.resume}: was trained as {ckpt.spec}, this run builds "
                                   f"{spec}; resume with the same arch and model kwargs")
-        model.load_state_dict(tensors)
         st = _load_state(state_uri(cfg.resume))
+        # the state's own copy of the weights: a crash between writing the checkpoint and
+        # its state leaves a checkpoint one interval ahead of the optimizer and sampler
+        model.load_state_dict(st.get("weights", tensors))
         opt_state, step, elapsed = st["optimizer"], int(st["step"]), float(st["elapsed"])
         if bool(cfg.ema) != ("raw_model" in st):  # its weights are an average, or are not
             was = "with" if "raw_model" in st else "without"
@@ -238,7 +240,7 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
                         {**extra, "step": step, "ema": cfg.ema})
         if with_state:
             raw = {"raw_model": model.state_dict()} if ema_model is not None else {}
-            _save_state(state_uri(uri), {**raw,
+            _save_state(state_uri(uri), {**raw, "weights": final.state_dict(),
                 "optimizer": opt.state_dict(), "step": step, "elapsed": elapsed,
                 "rng": gen.get_state(), "losses": torch.tensor(losses, dtype=torch.float64),
                 "val": torch.tensor(vals, dtype=torch.float64).reshape(-1, 2), "best": best})

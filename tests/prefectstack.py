@@ -1,0 +1,208 @@
+"""A real Prefect stack on loopback for the crash and load tests (test code, not product).
+
+``PrefectStack`` starts ``prefect server start`` on a free 127.0.0.1 port (SQLite under the
+test's folder), creates the ``segcore-process`` work pool from deployments/process-pool.json,
+runs ``prefect --no-prompt deploy --all`` from the real prefect.yaml, starts and restarts
+``prefect worker start`` processes, and runs flows in their own processes (``python -c``), as
+a user would. Every process is started in its own session and stopped by its own process
+group id; every wait is bounded. ``tree_rss`` samples the resident memory of a process tree.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PREFECT = str(BIN / "prefect")
+PYTHON = str(BIN / "python")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+    """Stop a process started with ``start_new_session=True``, and its group."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        except ProcessLookupError:
+            pass
+    try:  # whatever is left of the group (children of a process that has exited)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.poll() is None:
+        proc.wait(timeout=timeout)
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.5, log: Path | None = None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    tail = log.read_text()[-4000:] if log and log.exists() else ""
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (0 once it is gone)."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        procs = [p, *p.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for q in procs:
+        try:
+            total += q.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class RssSampler:
+    """Samples ``tree_rss(pid)`` on a thread every ``interval`` s; ``peak`` and ``samples``."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.pid, self.interval = pid, interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic() - t0, tree_rss(self.pid)))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join(timeout=5)
+
+    @property
+    def peak(self) -> int:
+        return max((r for _, r in self.samples), default=0)
+
+
+class PrefectStack:
+    """Server, pool, deployments and workers; ``close()`` stops everything it started."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        base.update({
+            "PREFECT_HOME": str(root / "prefect-home"),
+            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_UI_ENABLED": "false",
+            "PREFECT_CLI_COLORS": "false",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+            "COLUMNS": "200",
+            "PYTHONUNBUFFERED": "1",
+            # as in an activated virtualenv: job commands such as `prefect flow-run execute`
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        })
+        base.update(env or {})
+        self.env = base
+        self.port = port
+        self.procs: list[subprocess.Popen] = []
+        self.worker: subprocess.Popen | None = None
+        self.n_workers = 0
+
+    # -- processes --------------------------------------------------------------------------
+    def popen(self, args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+        with open(log, "ab") as fh:
+            p = subprocess.Popen(args, cwd=ROOT, env={**self.env, **(env or {})}, stdout=fh,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def run(self, args: list[str], timeout: float = 180, env: dict | None = None) -> str:
+        r = subprocess.run(args, cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True,
+                           text=True, timeout=timeout)
+        assert r.returncode == 0, (f"{args} failed ({r.returncode}):\n{r.stdout[-3000:]}\n"
+                                   f"{r.stderr[-3000:]}")
+        return r.stdout
+
+    def start_server(self, timeout: float = 120) -> None:
+        log = self.root / "server.log"
+        proc = self.popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
+                           str(self.port), "--no-ui", "--no-scheduler", "--analytics-off"], log)
+
+        def healthy():
+            if proc.poll() is not None:
+                raise AssertionError(f"prefect server exited {proc.returncode}:\n"
+                                     f"{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.env['PREFECT_API_URL']}/health",
+                                            timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, timeout, "the Prefect server to be healthy", log=log)
+
+    def deploy(self, *names: str) -> str:
+        """Create the work pool, then ``prefect deploy`` the named deployments of
+        prefect.yaml (all of them when none is named)."""
+        self.run([PREFECT, "work-pool", "create", "segcore-process", "--type", "process",
+                  "--base-job-template", str(ROOT / "deployments" / "process-pool.json")])
+        which = [a for n in names for a in ("--name", n)] or ["--all"]
+        return self.run([PREFECT, "--no-prompt", "deploy", *which], timeout=300)
+
+    def set_parameters(self, deployment: str, **params) -> None:
+        """Add or replace parameters of a deployment (as an operator would in the UI)."""
+        from prefect.client.schemas.actions import DeploymentUpdate
+
+        with self.client() as c:
+            d = c.read_deployment_by_name(deployment)
+            c.update_deployment(d.id, DeploymentUpdate(parameters={**d.parameters, **params}))
+
+    def start_worker(self, limit: int = 1, env: dict | None = None) -> subprocess.Popen:
+        """A process worker polling the pool every second (``--limit`` flow runs at once)."""
+        self.n_workers += 1
+        log = self.root / f"worker-{self.n_workers}.log"
+        self.worker = self.popen(
+            [PREFECT, "worker", "start", "--pool", "segcore-process", "--limit", str(limit),
+             "--name", f"w{self.n_workers}"], log,
+            env={"PREFECT_WORKER_QUERY_SECONDS": "1", **(env or {})})
+        self.worker_log = log
+        return self.worker
+
+    def python(self, code: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+        """``python -c code`` in its own session (a flow run by hand, as a user would)."""
+        return self.popen([PYTHON, "-c", code], log, env)
+
+    def client(self):
+        from prefect.client.orchestration import SyncPrefectClient
+
+        return SyncPrefectClient(self.env["PREFECT_API_URL"])
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            stop(p)
