@@ -37,6 +37,16 @@ def add_channel_args(p: argparse.ArgumentParser, ingest: bool = False,
                         "replaces names the file has")
 
 
+def add_grow_args(p: argparse.ArgumentParser) -> None:
+    """``--grow`` / ``--grow-threshold`` (segment --objects and the objects verb)."""
+    p.add_argument("--grow", type=int, default=0, metavar="N",
+                   help="objects: grow each component N px over unlabelled pixels, the surer "
+                        "object winning contested ones (a seeded watershed limited to N px, "
+                        "for models trained with --class-map instances-borders; default 0)")
+    p.add_argument("--grow-threshold", type=float, default=0.0, metavar="P",
+                   help="objects: grow only into pixels with foreground probability >= P")
+
+
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=None,

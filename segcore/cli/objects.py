@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from segcore.cli.common import add_cluster_args, client_from_args
+from segcore.cli.common import add_cluster_args, add_grow_args, client_from_args
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -14,12 +14,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connectivity", type=int, choices=(4, 8), default=4,
                    help="pixels of one object touch by an edge (4, as scipy.ndimage.label) or "
                         "also by a corner (8)")
-    p.add_argument("--grow", type=int, default=0, metavar="N",
-                   help="objects: grow each component N px over unlabelled pixels, the surer "
-                        "object winning contested ones (a seeded watershed limited to N px, "
-                        "for models trained with --class-map instances-borders; default 0)")
-    p.add_argument("--grow-threshold", type=float, default=0.0, metavar="P",
-                   help="objects: grow only into pixels with foreground probability >= P")
+    add_grow_args(p)
     p.add_argument("--no-polygons", action="store_true",
                    help="skip the polygons (polygons.parquet; needed by the object exports)")
     p.add_argument("--simplify", type=float, default=0.0,

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from segcore.cli.common import add_channel_args, add_cluster_args, client_from_args, validated
+from segcore.cli.common import (
+    add_channel_args,
+    add_cluster_args,
+    add_grow_args,
+    client_from_args,
+    validated,
+)
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -43,12 +49,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         "objects.parquet/.csv; counts go into the report")
     p.add_argument("--connectivity", type=int, choices=(4, 8), default=4,
                    help="objects: pixels touch by an edge (4) or also by a corner (8)")
-    p.add_argument("--grow", type=int, default=0, metavar="N",
-                   help="objects: grow each component N px over unlabelled pixels, the surer "
-                        "object winning contested ones (a seeded watershed limited to N px, "
-                        "for models trained with --class-map instances-borders; default 0)")
-    p.add_argument("--grow-threshold", type=float, default=0.0, metavar="P",
-                   help="objects: grow only into pixels with foreground probability >= P")
+    add_grow_args(p)
     p.add_argument("--seams", type=int, default=0, metavar="N",
                    help="seam report: check N sampled shards (recomputed with a larger halo, "
                         "or in --blend mode neighbouring windows compared); figures in the "
