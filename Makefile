@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install test demo lint bench bench-memory clean
+.PHONY: install test test-load demo lint bench bench-memory clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the load tests too slow for every run (docs/RELIABILITY.md, item 6): a burst of 20 arrival
+# events through the on-arrival deployment across a worker restart (~5 min on 2 cores)
+test-load: $(STAMP)
+	SEGCORE_LOAD_TESTS=1 $(PY) -m pytest -q -s tests/test_load.py $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m flows.demo $(DEMO_ARGS)

@@ -6,15 +6,21 @@ runs ``prefect --no-prompt deploy --all`` from the real prefect.yaml, starts and
 ``prefect worker start`` processes, and runs flows in their own processes (``python -c``), as
 a user would. Every process is started in its own session and stopped by its own process
 group id; every wait is bounded. ``tree_rss`` samples the resident memory of a process tree.
+
+``start_postgres()`` (before ``start_server``) puts the server on a throwaway PostgreSQL
+cluster on 127.0.0.1, as production runs it: under several concurrent flow runs the SQLite
+database answers ``database is locked`` and stalls the server for tens of seconds.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -24,6 +30,32 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
 PYTHON = str(BIN / "python")
+
+
+PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/local/bin", "/usr/bin")
+
+
+def pg_bin(tool: str) -> str | None:
+    for d in PG_BIN_DIRS:
+        if (Path(d) / tool).exists():
+            return str(Path(d) / tool)
+    return shutil.which(tool)
+
+
+def postgres_unavailable() -> str | None:
+    """Why a throwaway PostgreSQL cannot run here (None: it can)."""
+    import pwd
+
+    if os.geteuid() != 0 or shutil.which("runuser") is None:
+        return "needs root and runuser to start PostgreSQL as the postgres user"
+    for tool in ("initdb", "postgres", "pg_isready", "createdb"):
+        if pg_bin(tool) is None:
+            return f"PostgreSQL's {tool} is not installed"
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        return "no postgres system user"
+    return None
 
 
 def free_port() -> int:
@@ -133,6 +165,9 @@ class PrefectStack:
         self.procs: list[subprocess.Popen] = []
         self.worker: subprocess.Popen | None = None
         self.n_workers = 0
+        self.server_env: dict[str, str] = {}
+        self.database = "sqlite"
+        self._pg: tuple[subprocess.Popen, Path] | None = None
 
     # -- processes --------------------------------------------------------------------------
     def popen(self, args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -149,10 +184,49 @@ class PrefectStack:
                                    f"{r.stderr[-3000:]}")
         return r.stdout
 
+    def start_postgres(self, timeout: float = 60) -> bool:
+        """A fresh PostgreSQL cluster (trust auth, 127.0.0.1, fsync off) for the server;
+        False (and SQLite stays) where it cannot run, with the reason printed."""
+        why = postgres_unavailable()
+        if why:
+            print(f"[prefectstack] SQLite: {why}", flush=True)
+            return False
+        base = Path(tempfile.mkdtemp(prefix="segcore-pg-"))
+        base.chmod(0o755)  # the postgres user must reach its data folder
+        data = base / "data"
+        data.mkdir()
+        shutil.chown(data, "postgres", "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+        subprocess.run([*as_pg, pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U",
+                        "postgres", "--no-sync"], check=True, capture_output=True, timeout=120)
+        port = free_port()
+        with open(self.root / "postgres.log", "ab") as fh:
+            proc = subprocess.Popen(
+                [*as_pg, pg_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(data),
+                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        self._pg = (proc, base)
+
+        def ready():
+            if proc.poll() is not None:
+                raise AssertionError(f"postgres exited {proc.returncode}:\n"
+                                     f"{(self.root / 'postgres.log').read_text()[-3000:]}")
+            return subprocess.run([pg_bin("pg_isready"), "-h", "127.0.0.1", "-p", str(port)],
+                                  capture_output=True).returncode == 0
+
+        wait_for(ready, timeout, "PostgreSQL to accept connections", interval=0.3)
+        subprocess.run([*as_pg, pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U",
+                        "postgres", "prefect"], check=True, capture_output=True, timeout=60)
+        self.server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = \
+            f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
+        self.database = "postgresql"
+        return True
+
     def start_server(self, timeout: float = 120) -> None:
         log = self.root / "server.log"
         proc = self.popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
-                           str(self.port), "--no-ui", "--no-scheduler", "--analytics-off"], log)
+                           str(self.port), "--no-ui", "--no-scheduler", "--analytics-off"], log,
+                          env=self.server_env)
 
         def healthy():
             if proc.poll() is not None:
@@ -206,3 +280,7 @@ class PrefectStack:
     def close(self) -> None:
         for p in reversed(self.procs):
             stop(p)
+        if self._pg is not None:  # after the server: SIGINT is PostgreSQL's fast shutdown
+            proc, base = self._pg
+            stop(proc, signal.SIGINT)
+            shutil.rmtree(base, ignore_errors=True)
