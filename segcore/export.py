@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from segcore.errors import IncompleteResultError, InputError, StorageError
-from segcore.io.uri import exists, get_fs, is_local, join
+from segcore.io.uri import exists, get_fs, is_local, join, publish_file
 
 RESULT = "result.zarr"
 TIFF_TILE = 512
@@ -190,27 +190,8 @@ def export_cog(out_prefix: str, dst: str | None = None, require_complete: bool =
                 ds.nodata = 255
             rasterio.shutil.copy(src, cog, driver="COG", BLOCKSIZE=512, COMPRESS="DEFLATE",
                                  OVERVIEW_RESAMPLING="NEAREST", BIGTIFF="IF_SAFER")
-        _publish_file(cog, dst)
+        publish_file(cog, dst)
     return dst
-
-
-def _publish_file(local: str, dst: str) -> None:
-    """Move a finished local file to ``dst`` (rename locally, one upload remotely)."""
-    import shutil
-
-    if is_local(dst):
-        path = dst[len("file://"):] if dst.startswith("file://") else dst
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, path)
-        return
-    fs, rpath = get_fs(dst)
-    try:
-        fs.put_file(local, rpath)
-    except OSError as e:
-        raise StorageError(f"{dst}: upload failed: {e}") from e
 
 
 def _check_complete(out_prefix: str, required: bool) -> None:
@@ -279,7 +260,7 @@ def export_ome_tiff(out_prefix: str, dst: str | None = None, what: str = "mask",
                         "resolutionunit": "CENTIMETER"} if res else {}
                 tif.write(data=_plane_tiles(a, TIFF_TILE), shape=a.shape, subfiletype=1,
                           metadata=None, **lres, **opts)
-        _publish_file(path, dst)
+        publish_file(path, dst)
     return dst
 
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from segcore.config import Frozen, split_names
 from segcore.errors import ConfigError, IncompleteResultError, InputError
 from segcore.execute import run_tasks
-from segcore.io.uri import exists, get_fs, is_local, join, read_bytes, write_bytes_atomic
+from segcore.io.uri import exists, is_local, join, read_bytes, remove_tree, write_bytes_atomic
 from segcore.models.checkpoint import read_checkpoint
 from segcore.models.fields import ReceptiveField, cached_receptive_field
 from segcore.tiling import TileGrid, plan_tiles, round_up
@@ -361,15 +361,6 @@ def _versions() -> dict[str, str]:
                                        ("torch", "zarr", "dask", "numpy")}}
 
 
-def _rm(out: str, name: str) -> None:
-    fs, path = get_fs(join(out, name))
-    try:
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-    except FileNotFoundError:
-        pass
-
-
 def _old_plan(uri: str) -> dict:
     try:
         old = json.loads(read_bytes(uri))
@@ -408,10 +399,10 @@ def prepare(p: ScenePlan) -> str:
                 f"{cfg.out}: holds the result of another scene ({old['src']}); segment "
                 f"{cfg.src} into another output prefix, or delete {cfg.out} first")
     for name in ("COMPLETE", "report.json", "plan.json", "shards", RESULT, "preview.png",
-                 "seams.png", "objects.json", "objects.parquet", "objects.csv", "polygons.parquet",
-                 "mask.tif", "mask.cog.tif", "mask.ome.tif", "objects.qupath.geojson",
+                 "seams.png", "objects.json", "objects-parts", "objects.parquet", "objects.csv",
+                 "polygons.parquet", "mask.tif", "mask.cog.tif", "mask.ome.tif", "objects.qupath.geojson",
                  "objects.gpkg", "objects.geoparquet.parquet", "objects.wgs84.geojson"):
-        _rm(cfg.out, name)
+        remove_tree(join(cfg.out, name))
     n_levels = p.n_levels
     shards = list(p.level_shards)
     chunks = [shard_chunk(sh, p.grid.multiple if lv == 0 else 1) for lv, sh in enumerate(shards)]

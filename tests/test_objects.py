@@ -266,6 +266,18 @@ def test_polygons_one_per_object_exact_and_exports(tmp_path):
     ids = inst[np.nonzero(inst)]
     inside = shapely.contains(poly.geometry.values[ids - 1], probe)
     assert inside.all()
+    # written chunk by chunk (a row group per shard that starts objects), in id order, with
+    # GeoParquet metadata for the whole file; the per-shard scratch parts are gone
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(f"{out}/polygons.parquet")
+    assert meta.metadata.num_row_groups > 1
+    assert pq.ParquetFile(f"{out}/objects.parquet").metadata.num_row_groups > 1
+    assert list(poly["id"]) == list(range(1, n + 1))
+    geo = json.loads(meta.schema_arrow.metadata[b"geo"])["columns"]["geometry"]
+    assert geo["bbox"] == list(poly.total_bounds)
+    assert set(geo["geometry_types"]) == set(poly.geom_type)
+    assert not (tmp_path / "out" / "objects-parts").exists()
 
     # QuPath: detections with classification and measurements inside properties, pixel coords
     qp = json.loads(open(export_vectors(out, "qupath")).read())
@@ -292,6 +304,14 @@ def test_polygons_one_per_object_exact_and_exports(tmp_path):
     gj = json.loads(open(export_vectors(out, "geojson")).read())
     lon, lat = np.array(shapely.geometry.shape(gj["features"][0]["geometry"]).centroid.coords)[0]
     assert -87.5 < lon < -86.5 and 37 < lat < 38.5 and "crs" not in gj
+    # simplification (in the tasks for whole objects, after the union for the others) keeps
+    # every polygon valid and takes vertices away
+    extract_objects(out, connectivity=4, simplify=1.5)
+    simple = gpd.read_parquet(f"{out}/polygons.parquet")
+    assert list(simple["id"]) == list(poly["id"]) and shapely.is_valid(simple.geometry.values).all()
+    before = shapely.get_num_coordinates(poly.geometry.values)
+    after = shapely.get_num_coordinates(simple.geometry.values)
+    assert (after <= before).all() and after.sum() < 0.8 * before.sum()
 
 
 def test_vector_exports_refuse_what_they_cannot_do(tmp_path):

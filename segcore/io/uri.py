@@ -230,3 +230,39 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
                          "output URI") from e
     except storage_error_types() as e:
         raise storage_failure(uri, "write failed", e) from e
+
+
+def publish_file(local: str, dst: str) -> None:
+    """Move a finished local file to ``dst`` so that it appears whole or not at all: copy to a
+    temp name beside it and rename, locally; one upload (s3fs: one PUT, or a multipart upload
+    completed at the end) on object stores."""
+    import shutil
+
+    if is_local(dst):
+        path = dst[len("file://"):] if dst.startswith("file://") else dst
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, path)
+        return
+    fs, rpath = get_fs(dst)
+    try:
+        fs.put_file(local, rpath)
+    except FileNotFoundError as e:
+        raise InputError(f"{dst}: cannot write ({e}); create the bucket (or folder) or fix the "
+                         "output URI") from e
+    except storage_error_types() as e:
+        raise storage_failure(dst, "upload failed", e) from e
+
+
+def remove_tree(uri: str) -> None:
+    """Delete ``uri`` and everything under it, if it exists."""
+    fs, path = get_fs(uri)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    except storage_error_types() as e:
+        raise storage_failure(uri, "delete failed", e) from e

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from segcore.errors import IncompleteResultError, InputError
-from segcore.io.uri import exists, join, write_bytes_atomic
+from segcore.io.uri import exists, join, remove_tree, write_bytes_atomic
 from segcore.objects.instances import INSTANCES, ShardRef, edges, label_block, merge, shard_refs
 
 RESULT = "result.zarr"
 SEEDS = "objects-seeds"  # scratch group for seeded growth, removed when the objects are done
+PARTS = "objects-parts"  # scratch: each shard's complete objects, removed when written out
 NODATA = 255  # the mask's nodata value (segcore.inference.NODATA_LABEL): never grown into
 COLUMNS = ("id", "class", "class_index", "area_px", "area", "perimeter_px", "perimeter",
            "centroid_x_px", "centroid_y_px", "centroid_x", "centroid_y", "bbox_x0", "bbox_y0",
@@ -40,6 +41,9 @@ class _Pass:
     grow: int = 0  # seeded growth steps (pass 2 reads the seeds with a border of grow + 1)
     grow_threshold: float = 0.0
     obj_class: np.ndarray | None = None  # with grow: the class of each object id
+    class_names: tuple[str, ...] = ()
+    attrs: dict | None = None  # the result's segcore attributes (units for the table)
+    simplify: float = 0.0
 
 
 def _root(out: str, mode: str = "r"):
@@ -128,34 +132,31 @@ def _measure_task(t: _Pass) -> list[dict]:
         n = int(ids.size)
         # a grown pixel's class is its object's (the mask there says background)
         cls = np.where(inst > 0, t.obj_class[inst], mask).astype(np.uint8)
+        obj_cls = t.obj_class[ids]
     else:
-        local, n, _ = label_block(mask, t.n_classes, t.connectivity)
+        local, n, local_cls = label_block(mask, t.n_classes, t.connectivity)
         inst = t.lut[local]
         ring, prob_raw, cls = t.ring, None, mask
         ids = t.lut[np.arange(1, n + 1)]
+        obj_cls = local_cls[1:]
     write_block(root[f"labels/{INSTANCES}/0"], r.y0, r.x0, inst)
     if n == 0:
-        return [{"i": (r.row, r.col), "ids": np.zeros(0, np.uint32), "pixels": mask.size}]
-    whole, parts = [], []
-    if t.polygons:
-        from segcore.objects.polygons import shard_polygons
-
-        whole, parts = shard_polygons(inst, r, dict(zip(("top", "bottom", "left", "right"),
-                                                        t.shared, strict=True)))
+        return [{"i": (r.row, r.col), "whole": 0, "ids": np.zeros(0, np.uint32),
+                 "pixels": mask.size}]
     idx = np.arange(1, n + 1)
     flat = local.ravel()
-    area = np.bincount(flat, minlength=n + 1)[1:]
+    m = {"ids": ids, "area": np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)}
     yy, xx = np.indices(local.shape, dtype=np.float64)
-    sum_y = np.bincount(flat, weights=(yy + (r.y0 + 0.5)).ravel(), minlength=n + 1)[1:]
-    sum_x = np.bincount(flat, weights=(xx + (r.x0 + 0.5)).ravel(), minlength=n + 1)[1:]
+    m["sum_y"] = np.bincount(flat, weights=(yy + (r.y0 + 0.5)).ravel(), minlength=n + 1)[1:]
+    m["sum_x"] = np.bincount(flat, weights=(xx + (r.x0 + 0.5)).ravel(), minlength=n + 1)[1:]
     boxes = ndimage.find_objects(local, max_label=n)
-    bbox = np.array([[s[0].start + r.y0, s[1].start + r.x0, s[0].stop + r.y0, s[1].stop + r.x0]
-                     for s in boxes], np.int64)
+    m["bbox"] = np.array([[s[0].start + r.y0, s[1].start + r.x0, s[0].stop + r.y0,
+                           s[1].stop + r.x0] for s in boxes], np.int64)
     if prob_raw is None:
         prob_raw = root["0"][:, r.y0:r.y1, r.x0:r.x1]
     prob = _class_probability(prob_raw, cls, enc)
-    psum = np.bincount(flat, weights=prob.ravel(), minlength=n + 1)[1:]
-    pmax = np.asarray(ndimage.maximum(prob, local, idx), np.float64).reshape(-1)
+    m["psum"] = np.bincount(flat, weights=prob.ravel(), minlength=n + 1)[1:]
+    m["pmax"] = np.asarray(ndimage.maximum(prob, local, idx), np.float64).reshape(-1)
     # crack perimeter: pixel sides between the object and anything else (the image edge, the
     # background, another object), with the neighbours' ids beyond the shard's edges
     top, bottom, left, right = ring
@@ -165,10 +166,66 @@ def _measure_task(t: _Pass) -> list[dict]:
     c = pad[1:-1, 1:-1]
     sides = ((c != pad[:-2, 1:-1]).astype(np.uint8) + (c != pad[2:, 1:-1])
              + (c != pad[1:-1, :-2]) + (c != pad[1:-1, 2:]))
-    perim = np.bincount(flat, weights=sides.ravel(), minlength=n + 1)[1:]
-    return [{"i": (r.row, r.col), "ids": ids, "area": area, "sum_y": sum_y,
-             "sum_x": sum_x, "bbox": bbox, "psum": psum, "pmax": pmax, "perim": perim,
-             "whole": whole, "parts": parts, "pixels": mask.size}]
+    m["perim"] = np.bincount(flat, weights=sides.ravel(), minlength=n + 1)[1:]
+    return [_split_and_write(t, inst, m, obj_cls, mask.size)]
+
+
+def _split_and_write(t: _Pass, inst: np.ndarray, m: dict, classes: np.ndarray,
+                     pixels: int) -> dict:
+    """Objects inside the shard are complete: their rows (and polygons) go to the shard's part
+    file. Objects on an edge shared with another shard go back to the driver as partial
+    measurements (and polygon parts), to be added up with their other parts."""
+    from segcore.objects.polygons import edge_ids, finish, shard_polygons
+    from segcore.objects.table import arrow, rows
+
+    r = t.ref
+    border = np.isin(m["ids"], edge_ids(inst, t.shared))
+    inside = ~border
+    geoms = shard_polygons(inst, r) if t.polygons else {}
+    res = {"i": (r.row, r.col), "pixels": pixels, "whole": int(inside.sum()),
+           **{k: v[border] for k, v in m.items()},
+           "parts": [(int(o), shapely_wkb(geoms[int(o)])) for o in m["ids"][border]]
+           if t.polygons else [],
+           "bounds": None, "types": set()}
+    if res["whole"]:
+        whole = {k: v[inside] for k, v in m.items()}
+        wkb = None
+        if t.polygons:
+            wkb, res["bounds"], res["types"] = finish([geoms[int(o)] for o in whole["ids"]],
+                                                     t.simplify)
+        table = arrow(rows(whole, classes[inside], list(t.class_names), t.attrs or {}), wkb)
+        _write_part(t.out, r, table)
+    return res
+
+
+def shapely_wkb(g) -> bytes:
+    import shapely
+
+    return shapely.to_wkb(g)
+
+
+def _part_uri(out: str, ref: ShardRef) -> str:
+    return join(out, PARTS, f"{ref.row}-{ref.col}.parquet")
+
+
+def _write_part(out: str, ref: ShardRef, table) -> None:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes_atomic(_part_uri(out, ref), buf.getvalue())
+
+
+def _read_part(out: str, ref: ShardRef):
+    import io
+
+    import pyarrow.parquet as pq
+
+    from segcore.io.uri import read_bytes
+
+    return pq.read_table(io.BytesIO(read_bytes(_part_uri(out, ref))))
 
 
 def _ring(ref: ShardRef, at: dict, strips: list[dict], luts: list[np.ndarray],
@@ -232,7 +289,7 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
     probability >= ``grow_threshold`` (off by default: on the nuclei data it lowered F1, see
     docs/RESULTS.md)."""
     from segcore.execute import run_tasks
-    from segcore.objects.table import build_table, units, write_table
+    from segcore.objects.table import units
 
     if require_complete and not exists(join(out, "COMPLETE")):
         raise IncompleteResultError(f"{out}: no COMPLETE marker: segment the scene first")
@@ -267,13 +324,17 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
         run_tasks(_seed_task, [_Pass(out, r, n_classes, connectivity, luts[i])
                                for i, r in enumerate(refs)],
                   client, None, progress, "objects: seeds", lambda s: 1)
+    remove_tree(join(out, PARTS))  # a crashed earlier run's parts
+    unit_attrs = {k: attrs[k] for k in ("geo", "pixel_size", "pixel_unit") if k in attrs}
     specs = [_Pass(out, r, n_classes, connectivity, luts[i],
                    None if grow else _ring(r, at, strips, luts, height, width),
                    (r.row > 0, r.y1 < height, r.col > 0, r.x1 < width), polygons,
-                   grow, grow_threshold, obj_class if grow else None)
+                   grow, grow_threshold, obj_class if grow else None, tuple(class_names),
+                   unit_attrs, simplify)
              for i, r in enumerate(refs)]
     parts = run_tasks(_measure_task, specs, client, None, progress, "objects: measure",
                       lambda s: 1)
+    parts.sort(key=lambda d: at[tuple(d["i"])])
     if grow:
         del root[SEEDS]
     grp = root[f"labels/{INSTANCES}"]
@@ -283,17 +344,10 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
         run_tasks(_pyramid_task, [(out, lv, rr, cc, shard) for rr in range(math_ceil(h, shard))
                                   for cc in range(math_ceil(w, shard))],
                   client, None, False, f"objects: level {lv}", lambda s: 1)
-    table = build_table(parts, obj_class, class_names, attrs)
-    files = write_table(table, out)
-    if polygons:
-        from segcore.objects.polygons import assemble
-        from segcore.objects.vectors import write_polygons
-
-        geoms = assemble(parts, len(obj_class) - 1)
-        files.append(write_polygons(geoms[1:], table, out, simplify))
-    n_obj = len(table["id"])
-    per_class = {class_names[k] if k < len(class_names) else str(k):
-                 int((table["class_index"] == k).sum()) for k in range(1, n_classes)}
+    files, per_class_idx, n_obj = _write_out(out, refs, parts, luts, obj_class, class_names,
+                                             unit_attrs, polygons, simplify)
+    per_class = {class_names[k] if k < len(class_names) else str(k): int(per_class_idx[k])
+                 for k in range(1, n_classes)}
     summary = {"objects": n_obj, "per_class": per_class, "connectivity": connectivity,
                "grow": grow, "grow_threshold": grow_threshold,
                "instances": join(out, RESULT, "labels", INSTANCES), "files": files,
@@ -302,6 +356,67 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
     summary["units"] = units(attrs)
     write_bytes_atomic(join(out, "objects.json"), json.dumps(summary, indent=2).encode())
     return summary
+
+
+def _write_out(out: str, refs: list[ShardRef], parts: list[dict], luts: list[np.ndarray],
+               obj_class: np.ndarray, class_names: list[str], unit_attrs: dict,
+               polygons: bool, simplify: float) -> tuple[list[str], np.ndarray, int]:
+    """The object table (and polygons) in id order, one chunk per shard: the shard's part file
+    (its complete objects) and the objects spanning shards whose ids start there (their parts
+    added up and unioned here). Objects are numbered in the order of their first shard, so the
+    ids that start in shard i are those above every id in shards 0..i-1. Returns (files,
+    objects per class index, object count); the part files are removed."""
+    import pyarrow as pa
+
+    from segcore.objects.polygons import finish, union_parts
+    from segcore.objects.table import ObjectWriter, add_up, arrow, rows, schema
+    from segcore.objects.vectors import geo_schema
+
+    span = add_up(parts)  # objects on shared edges, all their parts added up
+    wkb = None
+    bounds = [p["bounds"] for p in parts if p.get("bounds")]
+    types: set[str] = set().union(*(p.get("types", set()) for p in parts))
+    if polygons:
+        pieces: dict[int, list[bytes]] = {}
+        for p in parts:
+            for oid, w in p.get("parts", ()):
+                pieces.setdefault(oid, []).append(w)
+        geoms = union_parts(pieces)
+        del pieces
+        wkb, b, t = finish([geoms[int(o)] for o in span["ids"]], simplify)
+        del geoms
+        if b:
+            bounds.append(b)
+        types |= t
+    span_t = arrow(rows(span, obj_class[span["ids"]], class_names, unit_attrs), wkb)
+    box = None
+    if bounds:
+        a = np.array(bounds)
+        box = (a[:, 0].min(), a[:, 1].min(), a[:, 2].max(), a[:, 3].max())
+    writer = ObjectWriter(out, geo_schema(schema(), box, types) if polygons else None)
+    per_class = np.zeros(max(len(class_names), int(obj_class.max(initial=0)) + 1), np.int64)
+    try:
+        top = 0
+        ids = span_t["id"].to_numpy()
+        for ref, p, lut in zip(refs, parts, luts, strict=True):
+            first = top
+            top = max(top, int(lut.max(initial=0)))
+            lo, hi = np.searchsorted(ids, [first + 1, top + 1])
+            chunk = [span_t.slice(lo, hi - lo)] if hi > lo else []
+            if p["whole"]:
+                chunk.append(_read_part(out, ref))
+            if not chunk:
+                continue
+            t = pa.concat_tables(chunk) if len(chunk) > 1 else chunk[0]
+            t = t.sort_by("id")
+            per_class += np.bincount(t["class_index"].to_numpy(), minlength=per_class.size)
+            writer.write(t)
+        files = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    remove_tree(join(out, PARTS))
+    return files, per_class, writer.rows
 
 
 def math_ceil(a: int, b: int) -> int:

@@ -17,8 +17,12 @@ so no step holds the whole mask:
    box, crack perimeter with the neighbours' edge ids, probability sum and maximum), which the
    driver adds up per object.
 
-Memory in the driver: the edge strips (4 x shard edge per shard) and a table per component,
-never a shard's pixels.
+Each measure task writes its complete objects (those that touch no edge shared with another
+shard: rows and polygons) to a scratch part file itself, and returns only the partial
+measurements of objects on a shared edge. Memory in the driver: the edge strips (4 x shard
+edge per shard), a few bytes per component (lookups, classes), the objects that span shards,
+and one shard's chunk of the table while it writes the files out; never a shard's pixels and
+never the whole table (256 Mpx with 168k objects: 1.03x the peak of 16 Mpx, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -2,10 +2,11 @@
 
 Each shard task polygonises its own instance block (GDAL's polygonize through
 ``rasterio.features.shapes``, 4-connected rings, in full-resolution pixel coordinates with
-pixel corners on integers). An object that reaches an edge the shard shares with another
-shard comes back as a part; the driver unions the parts of each object (their shared edges
-lie on the same integer lines, so the union is exact). Objects inside one shard come back
-whole. An 8-connected object whose pixels touch only at corners is a MultiPolygon.
+pixel corners on integers). An object inside one shard is whole there, and the task writes it
+out itself; an object that reaches an edge the shard shares with another shard comes back to
+the driver as a part, and the driver unions the parts of each such object (their shared edges
+lie on the same integer lines, so the union is exact). An 8-connected object whose pixels
+touch only at corners is a MultiPolygon.
 """
 
 from __future__ import annotations
@@ -14,46 +15,62 @@ import numpy as np
 
 from segcore.objects.instances import ShardRef
 
+# shapely's geometry type ids -> GeoParquet's geometry type names
+TYPE_NAMES = {0: "Point", 1: "LineString", 2: "LineString", 3: "Polygon", 4: "MultiPoint",
+              5: "MultiLineString", 6: "MultiPolygon", 7: "GeometryCollection"}
 
-def shard_polygons(inst: np.ndarray, ref: ShardRef, shared: dict[str, bool]
-                   ) -> tuple[list[tuple[int, bytes]], list[tuple[int, bytes]]]:
-    """(whole, parts): (object id, WKB) for objects inside the shard, and for objects that
-    touch an edge shared with another shard (``shared``: top/bottom/left/right -> bool)."""
+
+def edge_ids(inst: np.ndarray, shared: tuple[bool, bool, bool, bool]) -> np.ndarray:
+    """Sorted object ids on the edges the shard shares with a neighbour (top, bottom, left,
+    right): the objects that may continue in another shard."""
+    strips = (inst[0], inst[-1], inst[:, 0], inst[:, -1])
+    on = [np.unique(s) for s, ok in zip(strips, shared, strict=True) if ok]
+    if not on:
+        return np.zeros(0, inst.dtype)
+    ids = np.unique(np.concatenate(on))
+    return ids[ids > 0]
+
+
+def shard_polygons(inst: np.ndarray, ref: ShardRef) -> dict[int, object]:
+    """Object id -> shapely geometry of its pixels in this shard."""
     import shapely
     from rasterio.features import shapes
     from rasterio.transform import Affine
 
     if not inst.any():
-        return [], []
-    edge_ids: set[int] = set()
-    for side, strip in (("top", inst[0]), ("bottom", inst[-1]), ("left", inst[:, 0]),
-                        ("right", inst[:, -1])):
-        if shared.get(side):
-            edge_ids.update(int(v) for v in np.unique(strip) if v)
+        return {}
     rings: dict[int, list] = {}
     src = inst.astype(np.int32)  # GDAL polygonises 32-bit signed ids (ids stay < 2^31)
     for geom, value in shapes(src, mask=inst > 0, connectivity=4,
                               transform=Affine(1, 0, ref.x0, 0, 1, ref.y0)):
         rings.setdefault(int(value), []).append(shapely.geometry.shape(geom))
-    whole, parts = [], []
-    for oid, polys in rings.items():
-        g = polys[0] if len(polys) == 1 else shapely.MultiPolygon(polys)
-        (parts if oid in edge_ids else whole).append((oid, shapely.to_wkb(g)))
-    return whole, parts
+    return {oid: polys[0] if len(polys) == 1 else shapely.MultiPolygon(polys)
+            for oid, polys in rings.items()}
 
 
-def assemble(results: list[dict], n_objects: int) -> list:
-    """Geometry per object id (index 0 unused): whole ones as they are, parts unioned."""
+def union_parts(parts: dict[int, list[bytes]]) -> dict[int, object]:
+    """Object id -> the union of its parts (WKB from several shards)."""
     import shapely
 
-    geoms: list = [None] * (n_objects + 1)
-    parts: dict[int, list] = {}
-    for r in results:
-        for oid, wkb in r.get("whole", ()):
-            geoms[oid] = shapely.from_wkb(wkb)
-        for oid, wkb in r.get("parts", ()):
-            parts.setdefault(oid, []).append(shapely.from_wkb(wkb))
+    out = {}
     for oid, ps in parts.items():
-        g = shapely.union_all(ps) if len(ps) > 1 else ps[0]
-        geoms[oid] = shapely.normalize(g) if len(ps) > 1 else g
-    return geoms
+        geoms = shapely.from_wkb(ps)
+        out[oid] = shapely.normalize(shapely.union_all(geoms)) if len(ps) > 1 else geoms[0]
+    return out
+
+
+def finish(geoms: list, simplify: float) -> tuple[list[bytes], tuple | None, set[str]]:
+    """(WKB of each geometry, simplified when ``simplify`` > 0; their overall bounds (minx,
+    miny, maxx, maxy) or None; their geometry type names)."""
+    import shapely
+
+    if not geoms:
+        return [], None, set()
+    g = np.array(geoms, dtype=object)
+    if simplify > 0:
+        g = shapely.simplify(g, simplify, preserve_topology=True)
+    b = shapely.bounds(g)
+    bounds = (float(b[:, 0].min()), float(b[:, 1].min()), float(b[:, 2].max()),
+              float(b[:, 3].max()))
+    types = {TYPE_NAMES[int(t)] for t in np.unique(shapely.get_type_id(g))}
+    return list(shapely.to_wkb(g)), bounds, types

@@ -32,20 +32,26 @@ MEASUREMENTS = {"area_px": "Area px", "perimeter_px": "Perimeter px", "area": "A
                 "max_probability": "Max probability"}
 
 
-def write_polygons(geoms: list, table: dict[str, np.ndarray], out: str,
-                   simplify: float = 0.0) -> str:
+def geo_schema(table_schema, bounds: tuple | None, types: set[str]):
+    """``table_schema`` plus a WKB ``geometry`` column, with the GeoParquet ``geo`` metadata
+    geopandas writes (version, encoding, no CRS: pixel coordinates), its data-dependent fields
+    set for the whole file: the bounds of all geometries and their types."""
     import geopandas as gpd
-    import shapely
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    g = np.array(geoms, dtype=object)
-    if simplify > 0:
-        g = shapely.simplify(g, simplify, preserve_topology=True)
-    frame = gpd.GeoDataFrame({k: v for k, v in table.items()}, geometry=list(g), crs=None)
     buf = io.BytesIO()
-    frame.to_parquet(buf, index=False)
-    uri = join(out, POLYGONS)
-    write_bytes_atomic(uri, buf.getvalue())
-    return uri
+    gpd.GeoDataFrame({"id": np.zeros(0, np.uint32)}, geometry=gpd.GeoSeries([]),
+                     crs=None).to_parquet(buf, index=False)
+    meta = json.loads(pq.read_schema(pa.BufferReader(buf.getvalue())).metadata[b"geo"])
+    col = meta["columns"][meta["primary_column"]]
+    col["geometry_types"] = sorted(types)
+    if bounds is None:
+        col.pop("bbox", None)
+    else:
+        col["bbox"] = [float(v) for v in bounds]
+    return table_schema.append(pa.field(meta["primary_column"], pa.binary())).with_metadata(
+        {b"geo": json.dumps(meta).encode()})
 
 
 def read_polygons(out: str):
