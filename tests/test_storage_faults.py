@@ -124,14 +124,17 @@ def _all_records_true(out: str) -> int:
 
 
 def _retry_lines(caplog) -> int:
-    """Retries the S3 client logged (DEBUG): botocore's per request, s3fs's around calls."""
+    """Retries the S3 client logged, as WARNINGs (segcore.io.uri.report_retries): botocore's
+    per request, s3fs's around calls."""
     n = 0
     for r in caplog.records:
         msg = r.getMessage()
-        n += (r.name.startswith("botocore.retries") and msg.startswith("Retry needed,")) or \
-            (r.name == "s3fs" and (msg.startswith("Retryable error") or
-                                   msg.startswith("Client error (maybe retryable)") and
-                                   "SlowDown" in msg))
+        if not msg.startswith("S3 retry: "):
+            continue
+        assert r.levelno == logging.WARNING and r.name in ("botocore.retries.standard", "s3fs")
+        msg = msg[len("S3 retry: "):]
+        n += msg.startswith(("Retry needed,", "Retryable error")) or \
+            (msg.startswith("Client error (maybe retryable)") and "SlowDown" in msg)
     return n
 
 
@@ -222,8 +225,7 @@ def test_one_failing_request_is_retried_a_bounded_number_of_times(proxy, s3_serv
     from segcore.errors import StorageError
     from segcore.io.uri import S3FS_RETRIES, get_fs, s3_max_attempts, write_bytes_atomic
 
-    caplog.set_level(logging.DEBUG, logger="botocore.retries")
-    caplog.set_level(logging.DEBUG, logger="s3fs")
+    caplog.set_level(logging.WARNING)  # no DEBUG asked for: retries are warnings
     uri = f"{s3_server.make_bucket()}/x/one.json"
     fs, path = get_fs(uri)
     proxy.kinds, proxy.rate = (kind,), 1.0
@@ -238,3 +240,19 @@ def test_one_failing_request_is_retried_a_bounded_number_of_times(proxy, s3_serv
     assert _retry_lines(caplog) >= s3_max_attempts() - 1
     with pytest.raises(StorageError, match="one.json: write failed"):
         write_bytes_atomic(uri, b"{}")
+
+
+def test_no_retry_no_warning_and_no_debug_noise(s3_server, caplog):
+    """Healthy requests and a missing key log nothing: lowering the clients' loggers to DEBUG
+    to see their retries lets none of their other records through (root stays at WARNING)."""
+    from segcore.errors import InputError
+    from segcore.io.uri import exists, read_bytes, write_bytes_atomic
+
+    uri = f"{s3_server.make_bucket()}/x/ok.json"
+    write_bytes_atomic(uri, b"{}")
+    assert read_bytes(uri) == b"{}" and not exists(uri + ".missing")
+    with pytest.raises((InputError, FileNotFoundError)):
+        read_bytes(uri + ".missing")
+    noisy = [(r.name, r.levelname, r.getMessage()[:80]) for r in caplog.records
+             if r.name.startswith(("s3fs", "botocore", "aiobotocore"))]
+    assert noisy == []

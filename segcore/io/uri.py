@@ -9,8 +9,9 @@ Retries on S3 are bounded and explicit (docs/RELIABILITY.md): botocore retries e
 most requests fail); s3fs adds ``S3FS_RETRIES`` tries of its own around each call (SlowDown
 and connection errors once botocore gave up, and bodies cut short, which botocore does not
 retry). Left at the libraries' defaults, one request to a dead endpoint took up to 250
-attempts and 3 minutes. Each retry is logged at DEBUG by ``botocore.retries.standard``
-("Retry needed") and ``s3fs`` ("Retryable error"); what still fails is a StorageError.
+attempts and 3 minutes. Each retry is logged as a WARNING ("S3 retry: ...", from
+``botocore.retries.standard`` and ``s3fs``, which log them at DEBUG: :func:`report_retries`);
+what still fails is a StorageError.
 """
 
 from __future__ import annotations
@@ -96,6 +97,56 @@ def guard_credential_logs() -> None:
 
 
 guard_credential_logs()
+
+# Retries are worth a warning: a scene that completes through storage faults should say so.
+# botocore and s3fs log their retries at DEBUG only, beside a record of every request.
+_RETRY_LOGGERS = {
+    "botocore.retries.standard": ("Retry needed",),
+    "s3fs": ("Retryable error", "Client error (maybe retryable)"),
+}
+
+
+class RetriesAsWarnings(logging.Filter):
+    """On a storage client's logger: its retry records become WARNINGs ("S3 retry: ...",
+    credentials redacted); with ``quiet``, its other DEBUG/INFO records are dropped, as they
+    were before the logger's level was lowered to see the retries. s3fs's "maybe retryable"
+    client errors count only for SlowDown (a missing key is not a retry). ``quiet``: the
+    logger whose level segcore lowered, whose other records pass only at the level it would
+    have inherited."""
+
+    def __init__(self, prefixes: tuple[str, ...], quiet: logging.Logger | None):
+        super().__init__()
+        self.prefixes, self.quiet = prefixes, quiet
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        msg = str(record.msg)
+        if msg.startswith(self.prefixes):
+            text = redact(record.getMessage())
+            if not msg.startswith("Client error") or "SlowDown" in text:
+                record.msg, record.args = f"S3 retry: {text}", None
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+                return True
+        # a record the logger would not have emitted at its inherited level stays dropped
+        return self.quiet is None or record.levelno >= self.quiet.parent.getEffectiveLevel()
+
+
+def report_retries() -> None:
+    """Install :class:`RetriesAsWarnings` on botocore's retry logger and s3fs's logger (once).
+    A logger the user left unset is lowered to DEBUG so that its retry records exist, and its
+    other low-level records are dropped; a logger the user set keeps its level and records."""
+    for name, prefixes in _RETRY_LOGGERS.items():
+        logger = logging.getLogger(name)
+        if any(isinstance(f, RetriesAsWarnings) for f in logger.filters):
+            continue
+        quiet = logger.level == logging.NOTSET
+        if quiet:
+            logger.setLevel(logging.DEBUG)
+        logger.addFilter(RetriesAsWarnings(prefixes, logger if quiet else None))
+
+
+report_retries()
 
 
 def storage_options(uri: str) -> dict[str, Any]:
