@@ -113,3 +113,17 @@ class InputContract(Frozen):
             raise ValueError(f"channel_names {self.channel_names} must name all {self.channels} "
                              "input channels")
         return self
+
+
+def check_input_dtype(dtype: str, contract, src: str, model: str) -> None:
+    """Refuse 16-bit or float pixels for a model whose normalisation divides by 255 (what
+    ``segcore train`` records for 8-bit training data): its output would be meaningless."""
+    n = contract.normalization
+    if n.mode == "scale" and n.scale == 255.0 and dtype != "uint8":
+        from segcore.errors import InputError
+
+        raise InputError(
+            f"{src}: holds {dtype} pixels but the model {model} was trained on 8-bit input "
+            "(its normalisation divides by 255); convert the scene to 8 bits (e.g. "
+            "gdal_translate -ot Byte -scale), or use a model trained on such data (segcore "
+            "train --normalization stats)")

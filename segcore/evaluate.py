@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from segcore.config import check_input_dtype
 from segcore.errors import ConfigError
 from segcore.io.uri import join, read_bytes, write_bytes_atomic
 from segcore.models.checkpoint import load_checkpoint
@@ -103,6 +104,7 @@ def evaluate(model_uri: str, data: str, tiled: bool = False, stems: str | None =
         if s.image.shape[2] != ckpt.contract.channels:
             raise ConfigError(f"{s.image_uri}: {s.image.shape[2]} channels but the model takes "
                               f"{ckpt.contract.channels}")
+        check_input_dtype(str(s.image.dtype), ckpt.contract, s.image_uri, model_uri)
         if tiled:
             prob = _tiled_predict(model_uri, s.image[..., 0] if s.image.shape[2] == 1 else s.image,
                                   tile, device)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from segcore.config import Frozen, split_names
+from segcore.config import Frozen, check_input_dtype, split_names
 from segcore.errors import ConfigError, IncompleteResultError, InputError
 from segcore.execute import run_tasks
 from segcore.io.uri import exists, is_local, join, read_bytes, remove_tree, write_bytes_atomic
@@ -309,18 +309,6 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
     if max(level_shape(info.height, info.width, lv)) <= PREVIEW_SIDE:
         p.thumb_stride = 2 ** lv
     return p
-
-
-def check_input_dtype(dtype: str, contract, src: str, model: str) -> None:
-    """Refuse 16-bit or float pixels for a model whose normalisation divides by 255 (what
-    ``segcore train`` records for 8-bit training data): its output would be meaningless."""
-    n = contract.normalization
-    if n.mode == "scale" and n.scale == 255.0 and dtype != "uint8":
-        raise InputError(
-            f"{src}: holds {dtype} pixels but the model {model} was trained on 8-bit input "
-            "(its normalisation divides by 255); convert the scene to 8 bits (e.g. "
-            "gdal_translate -ot Byte -scale), or use a model trained on such data (segcore "
-            "train --normalization stats)")
 
 
 def _auto_tile(cfg: SegmentConfig, spec, multiple: int, rf: ReceptiveField, info):

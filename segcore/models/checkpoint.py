@@ -144,14 +144,11 @@ def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Mo
     data = read_bytes(uri)
     ckpt, tensors = read_checkpoint(data, uri)
     model = build_model(ckpt.spec)
-    missing, unexpected = set(model.state_dict()) - set(tensors), set(tensors) - set(model.state_dict())
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{uri}: weights do not match the spec {ckpt.spec.arch!r} "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
+    check_weights(model, tensors, uri, ckpt.spec.arch)  # names and shapes, one clear line
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{uri}: weights do not match the spec {ckpt.spec.arch!r}: {e}") from e
+        raise CheckpointError(f"{uri}: weights do not match the spec {ckpt.spec.arch!r} "
+                              f"({str(e).splitlines()[0]}); re-export it from the training "
+                              "run") from e
     return model.to(device).eval(), ckpt

@@ -362,11 +362,12 @@ STATS_SAMPLES = 1 << 21  # values per channel the statistics are measured on (ev
 
 
 def valid_values(s: Sample) -> np.ndarray:
-    """(n, c) float64 pixels of ``s`` that hold data (pixels whose every channel is NaN or the
-    nodata value are left out; NaN values of other pixels stay NaN)."""
+    """(n, c) float64 pixels of ``s`` that hold data (pixels whose every channel is NaN, +-inf
+    or the nodata value are left out; such values of other pixels stay as they are, and the
+    statistics skip them)."""
     x = s.image.reshape(-1, s.image.shape[2])
     if x.dtype.kind == "f" or s.nodata is not None:
-        bad = np.isnan(x) if x.dtype.kind == "f" else np.zeros(x.shape, bool)
+        bad = ~np.isfinite(x) if x.dtype.kind == "f" else np.zeros(x.shape, bool)
         if s.nodata is not None and s.nodata == s.nodata:
             bad |= x == s.nodata
         x = x[~bad.all(axis=1)]
@@ -408,8 +409,8 @@ def input_stats(samples: list[Sample], percentiles: tuple[float, float] = (0.5, 
 
 def unit_mapper(norm) -> Any:
     """(raw (h, w, c), nodata) -> float32 in [0, 1] for a stats normalisation: clip to
-    low/high and rescale; NaN and nodata pixels take the channel mean's value (the model then
-    sees 0 there, as at inference)."""
+    low/high and rescale; NaN, +-inf and nodata pixels take the channel mean's value (the
+    model then sees 0 there, as at inference)."""
     lo = np.asarray(norm.low, np.float32)
     hi = np.asarray(norm.high, np.float32)
     span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
@@ -417,7 +418,7 @@ def unit_mapper(norm) -> Any:
 
     def unit(raw: np.ndarray, nodata: float | None = None) -> np.ndarray:
         x = raw.astype(np.float32)
-        bad = np.isnan(x)
+        bad = ~np.isfinite(x)
         if nodata is not None and nodata == nodata:
             bad |= np.broadcast_to((x == nodata).all(axis=-1, keepdims=True), x.shape)
         x = (np.clip(x, lo, hi) - lo) / span

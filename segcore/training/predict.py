@@ -30,8 +30,9 @@ def autocast(device: torch.device, bf16: bool):
 
 def to_unit(x: torch.Tensor, norm: Normalization, nodata: float | None = None) -> torch.Tensor:
     """Raw NCHW pixels -> the [0, 1] space training patches live in: x / scale, or for a
-    statistics normalisation (clip(x, low, high) - low) / (high - low). NaN values and pixels
-    whose every channel is ``nodata`` take the channel mean's value (input 0 to the model)."""
+    statistics normalisation (clip(x, low, high) - low) / (high - low). NaN and +-inf values
+    (as at inference) and pixels whose every channel is ``nodata`` take the channel mean's
+    value (input 0 to the model)."""
     c = x.shape[1]
 
     def per_channel(v) -> torch.Tensor:
@@ -39,7 +40,7 @@ def to_unit(x: torch.Tensor, norm: Normalization, nodata: float | None = None) -
         return (t.expand(c) if t.numel() == 1 else t).view(1, c, 1, 1)
 
     x = x.float() if not x.is_floating_point() else x
-    bad = torch.isnan(x)
+    bad = ~torch.isfinite(x)
     if nodata is not None and nodata == nodata:
         bad = bad | (x == nodata).all(1, keepdim=True)
     if norm.mode == "stats":
