@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from segcore.config import Frozen, check_input_dtype, split_names
 from segcore.errors import ConfigError, IncompleteResultError, InputError
 from segcore.execute import run_tasks
-from segcore.io.uri import exists, is_local, join, read_bytes, remove_tree, write_bytes_atomic
+from segcore.io.uri import exists, join, read_bytes, remove_tree, scene_key, write_bytes_atomic
 from segcore.models.checkpoint import read_checkpoint
 from segcore.models.fields import ReceptiveField, cached_receptive_field
 from segcore.tiling import TileGrid, plan_tiles, round_up
@@ -360,15 +360,6 @@ def _old_plan(uri: str) -> dict:
     return old
 
 
-def _scene_key(uri: str) -> str:
-    """A scene URI for comparison: local paths resolved (./a.tif is a.tif)."""
-    if not is_local(uri):
-        return uri
-    import os
-
-    return os.path.realpath(uri[len("file://"):] if uri.startswith("file://") else uri)
-
-
 def prepare(p: ScenePlan) -> str:
     """Create (or reuse, for a resume) the output arrays. Returns 'complete', 'resume' or
     'new'."""
@@ -382,7 +373,7 @@ def prepare(p: ScenePlan) -> str:
         old = _old_plan(plan_uri)
         if old.get("signature") == p.signature:
             return "complete" if is_complete(cfg.out) else "resume"
-        if old.get("src") is not None and _scene_key(old["src"]) != _scene_key(cfg.src):
+        if old.get("src") is not None and scene_key(old["src"]) != scene_key(cfg.src):
             raise ConfigError(  # a changed plan of the same scene restarts; another scene's
                 f"{cfg.out}: holds the result of another scene ({old['src']}); segment "
                 f"{cfg.src} into another output prefix, or delete {cfg.out} first")

@@ -214,3 +214,35 @@ def test_ingest_refuses_a_huge_declared_tiff_without_allocating(tmp_path):
     assert int(maxrss_mb) < 1500 and float(seconds) < 30
     assert not dst.exists() or not any(dst.rglob("zarr.json"))
     assert resource.RLIMIT_AS  # the limit the child ran under exists on this platform
+
+
+def test_ingest_never_deletes_what_is_not_its_own(tmp_path, capfd):
+    """zarr's mode 'w' deletes what is at the output: ingest refuses another scene's ingest,
+    a Zarr it did not write and a folder holding other files (each left untouched), and
+    re-ingests the same scene in place."""
+    import zarr
+
+    from tests.test_pipeline import make_scene
+
+    _, a = make_scene(tmp_path, 64, 64, name="a.tif")
+    _, b = make_scene(tmp_path, 64, 64, name="b.tif", seed=1)
+    dst = tmp_path / "a.zarr"
+    assert main(["ingest", a, str(dst), "--quiet"]) == 0
+    before = (dst / "zarr.json").read_bytes()
+    rc = main(["ingest", b, str(dst), "--quiet"])
+    refused(capfd, "ingest", rc, ("a.zarr", "another scene", "a.tif", "another output prefix"))
+    assert (dst / "zarr.json").read_bytes() == before
+    assert main(["ingest", f"{tmp_path}/./a.tif", str(dst), "--quiet"]) == 0  # same scene
+
+    foreign = tmp_path / "foreign.zarr"
+    zarr.create_array(str(foreign), shape=(4, 4), dtype="uint8")
+    rc = main(["ingest", a, str(foreign), "--quiet"])
+    refused(capfd, "ingest", rc, ("foreign.zarr", "not written by segcore ingest"))
+    assert zarr.open_array(str(foreign)).shape == (4, 4)
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "thesis.txt").write_text("years of work")
+    rc = main(["ingest", a, str(docs), "--quiet"])
+    refused(capfd, "ingest", rc, ("docs", "not a segcore Zarr", "would be deleted"))
+    assert (docs / "thesis.txt").read_text() == "years of work"

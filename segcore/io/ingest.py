@@ -86,6 +86,37 @@ def _down_block(args) -> list[dict]:
     return []
 
 
+def _check_dst(cfg: IngestConfig) -> None:
+    """Ingest replaces what is at ``dst`` (zarr's mode 'w' deletes it): only an earlier ingest
+    of the same scene, or nothing. Another scene's ingest, any other Zarr and a folder with
+    other files in it are refused before anything is deleted."""
+    import json
+
+    from segcore.io.uri import exists, get_fs, join, read_bytes, scene_key
+
+    meta = join(cfg.dst, "zarr.json")
+    if exists(meta):
+        try:
+            attrs = json.loads(read_bytes(meta)).get("attributes", {}).get("segcore", {})
+        except ValueError:
+            attrs = {}
+        src = attrs.get("src") if isinstance(attrs, dict) else None
+        if src is not None and scene_key(str(src)) == scene_key(cfg.src):
+            return
+        what = f"the ingest of another scene ({src})" if src else "a Zarr not written by " \
+            "segcore ingest"
+        raise ConfigError(f"{cfg.dst}: holds {what}; ingest {cfg.src} into another output "
+                          f"prefix, or delete {cfg.dst} first")
+    fs, path = get_fs(cfg.dst)
+    try:
+        listed = fs.ls(path) if fs.isdir(path) else []
+    except FileNotFoundError:
+        listed = []
+    if listed or (fs.exists(path) and not fs.isdir(path)):
+        raise ConfigError(f"{cfg.dst}: exists and is not a segcore Zarr (it would be deleted); "
+                          "pick a new output prefix, or delete it first")
+
+
 def ingest(cfg: IngestConfig, client=None, progress: bool = True) -> str:
     """Write the scene as an OME-Zarr image at ``cfg.dst``; returns ``cfg.dst``."""
     from segcore.io.readers import open_scene
@@ -96,7 +127,10 @@ def ingest(cfg: IngestConfig, client=None, progress: bool = True) -> str:
     if info.dtype not in ("uint8", "uint16", "float32"):
         raise ConfigError(f"{cfg.src}: pixel type {info.dtype} is not supported")
     n_levels = n_levels_for(info.height, info.width) if cfg.pyramid else 1
+    _check_dst(cfg)
     root = open_group(cfg.dst, mode="w")
+    # the source first: a run killed from here on left an ingest of this scene (re-run it)
+    root.attrs["segcore"] = {"src": cfg.src, "complete": False}
     create_multiscale(root, info.height, info.width, info.channels, info.dtype, cfg.shard,
                       cfg.chunk, n_levels, info.pixel_size, info.pixel_unit, name="image")
     root.attrs["segcore"] = {"src": cfg.src, "level": info.level, "pixel_size": info.pixel_size,

@@ -219,6 +219,13 @@ def is_local(uri: str) -> bool:
     return "://" not in uri or uri.startswith("file://")
 
 
+def scene_key(uri: str) -> str:
+    """A scene URI for comparison: local paths resolved (./a.tif is a.tif)."""
+    if not is_local(uri):
+        return uri
+    return os.path.realpath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
 def join(base: str, *parts: str) -> str:
     out = base.rstrip("/")
     for p in parts:
