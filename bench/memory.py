@@ -15,6 +15,12 @@ covers the main process and the descendants it reaped, e.g. Dask workers) and th
 the tree peak to the first (smallest) size.
 Written to ``--out``/memory.json too. Scene and result files live in a temp dir, deleted
 unless ``--keep``.
+
+``--exports qupath,gpkg,geoparquet,geojson`` (any ``segcore export --to`` formats) runs, after
+each segment run, ``python -m segcore export RESULT --to FORMAT`` once per format as its own
+subprocess, sampled the same way; the rows land in memory.json's ``exports`` with the ratio of
+each format's peak to its peak at the first size (use with ``--extra=--objects`` for the
+object formats).
 """
 
 from __future__ import annotations
@@ -62,7 +68,14 @@ def dots(y0: int, x0: int, h: int, w: int) -> np.ndarray:
     return out
 
 
-def write_scene(path: Path, side: int, kind: str = "texture") -> None:
+# --geo: GeoTIFF tags of a north-up scene in EPSG:32616 (UTM 16N), 0.5 m pixels
+GEO_TAGS = [(33550, "d", 3, (0.5, 0.5, 0.0), True),
+            (33922, "d", 6, (0.0, 0.0, 0.0, 500000.0, 4200000.0, 0.0), True),
+            (34735, "H", 20, (1, 1, 0, 4, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32616,
+                              3076, 0, 1, 9001), True)]
+
+
+def write_scene(path: Path, side: int, kind: str = "texture", geo: bool = False) -> None:
     import tifffile
 
     from bench.fixtures import texture  # the harness's scene texture, written the same way
@@ -76,7 +89,8 @@ def write_scene(path: Path, side: int, kind: str = "texture") -> None:
 
     tifffile.imwrite(path, data=tiles(), shape=(side, side, 3), dtype=np.uint8,
                      tile=(TIFF_TILE, TIFF_TILE), photometric="rgb", compression="zlib",
-                     compressionargs={"level": 1}, bigtiff=True)
+                     compressionargs={"level": 1}, bigtiff=True,
+                     **({"extratags": GEO_TAGS, "metadata": None} if geo else {}))
 
 
 def write_model(path: Path, depth: int, width: int) -> None:
@@ -152,7 +166,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="texture: foreground everywhere, the tiny U-Net; dots: separate "
                          "discs and a threshold model, ~10k objects per 16 Mpx (with "
                          "--extra=--objects: memory against the object count)")
+    ap.add_argument("--exports", default="",
+                    help="comma list of 'segcore export --to' formats to run after each "
+                         "segment run, each its own sampled subprocess (e.g. "
+                         "qupath,gpkg,geoparquet,geojson; objects need --extra=--objects)")
+    ap.add_argument("--geo", action="store_true",
+                    help="georeference the scenes (EPSG:32616, 0.5 m): the CRS exports "
+                         "(gpkg, geoparquet in the CRS, geojson in WGS84) need it")
     args = ap.parse_args(argv)
+    exports = [f for f in args.exports.split(",") if f.strip()]
+    export_rows: list[dict] = []
 
     sizes = [float(s) for s in args.sizes.split(",") if s.strip()]
     workers = [int(w) for w in args.workers.split(",") if w.strip()]
@@ -170,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             side = scene_side(mpx)
             scene = tmp / f"scene-{side}.tif"
             t0 = time.perf_counter()
-            write_scene(scene, side, args.scene)
+            write_scene(scene, side, args.scene, args.geo)
             print(f"# wrote {scene.name}: {side} x {side} RGB, "
                   f"{scene.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s",
                   flush=True)
@@ -202,6 +225,24 @@ def main(argv: list[str] | None = None) -> int:
                        if report.get("objects") else {}),
                 })
                 print(json.dumps(rows[-1]), flush=True)
+                for fmt in exports:
+                    elog = out / "logs" / f"export-{fmt}-{side}-w{nw}.log"
+                    ecmd = [sys.executable, "-m", "segcore", "export", str(res), "--to", fmt]
+                    e = run_one(ecmd, elog, args.interval)
+                    if e["returncode"] != 0:
+                        print(f"export {fmt} failed ({e['returncode']}), see {elog}:\n"
+                              + elog.read_text()[-3000:], file=sys.stderr)
+                    dst = Path(elog.read_text().strip().splitlines()[-1])
+                    export_rows.append({
+                        "format": fmt, "mpx": rows[-1]["mpx"], "workers": nw,
+                        "objects": rows[-1].get("objects"),
+                        "seconds": round(e["seconds"], 1),
+                        "peak_rss_mb": round(e["peak_tree_rss"] / 1e6, 1),
+                        "main_maxrss_mb": round(e["main_maxrss"] / 1e6, 1),
+                        "file_mb": round(dst.stat().st_size / 1e6, 1) if dst.exists() else None,
+                        "samples": e["samples"], "returncode": e["returncode"],
+                        "command": " ".join(ecmd)})
+                    print(json.dumps(export_rows[-1]), flush=True)
                 if not args.keep:
                     shutil.rmtree(res, ignore_errors=True)
             if not args.keep:
@@ -227,7 +268,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['mpx']:>7} {r['workers']:>7} {r['tiles']:>6} {r['seconds']:>8} "
               f"{r['mpx_per_s']:>6} {r['peak_rss_mb']:>11} {r['main_maxrss_mb']:>8} "
               f"{r['ratio']:>6}")
-    result = {"rows": rows, "tile": args.tile, "scene": args.scene,
+    for fmt in exports:
+        mine = [r for r in export_rows if r["format"] == fmt]
+        for r in mine:
+            r["ratio"] = round(r["peak_rss_mb"] / mine[0]["peak_rss_mb"], 3)
+            r["ratio_main"] = round(r["main_maxrss_mb"] / mine[0]["main_maxrss_mb"], 3)
+    if export_rows:
+        print(f"{'export':>10} {'Mpx':>7} {'objects':>8} {'seconds':>8} {'peak RSS MB':>11} "
+              f"{'main MB':>8} {'file MB':>8} {'ratio':>6}")
+        for r in export_rows:
+            print(f"{r['format']:>10} {r['mpx']:>7} {r['objects']!s:>8} {r['seconds']:>8} "
+                  f"{r['peak_rss_mb']:>11} {r['main_maxrss_mb']:>8} {r['file_mb']!s:>8} "
+                  f"{r['ratio']:>6}")
+    result = {"rows": rows, "exports": export_rows, "tile": args.tile, "scene": args.scene,
               "model": {"arch": "pointwise threshold"} if args.scene == "dots" else
               {"arch": "unet", "depth": args.depth, "width": args.width}, "python": platform.python_version(),
               "cpus": os.cpu_count(), "argv": sys.argv}
@@ -235,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# wrote {out / 'memory.json'}")
     flat = all(r["ratio"] <= 1.2 for r in rows)
     print(f"# memory {'flat' if flat else 'NOT flat'} (goal: every ratio <= 1.2)")
+    if export_rows:
+        flat = all(r["ratio"] <= 1.2 for r in export_rows)
+        print(f"# export memory {'flat' if flat else 'NOT flat'} (goal: every ratio <= 1.2)")
     return 0
 
 

@@ -168,30 +168,80 @@ def export_geotiff(out_prefix: str, dst: str | None = None, level: int = 0,
     return dst
 
 
-__all__ = ["export_geotiff", "geotiff_tags", "level_geo"]
+__all__ = ["export", "export_cog", "export_geotiff", "export_ome_tiff", "geotiff_tags",
+           "level_geo"]
 
 
-def export_cog(out_prefix: str, dst: str | None = None, require_complete: bool = True) -> str:
-    """The level-0 mask as a Cloud-Optimized GeoTIFF at ``dst`` (default
-    ``<out_prefix>/mask.cog.tif``): GDAL's COG driver (through rasterio) over the tiled
-    GeoTIFF :func:`export_geotiff` streams out: 512-px internal blocks, deflate, overviews
-    by nearest neighbour (classes stay classes), the palette, the scene's CRS and transform,
-    and nodata 255 (never a class). Returns ``dst``; it appears whole or not at all."""
+def export_cog(out_prefix: str, dst: str | None = None, require_complete: bool = True,
+               what: str = "mask") -> str:
+    """The level-0 mask (or ``what='probabilities'``) as a Cloud-Optimized GeoTIFF at ``dst``
+    (default ``<out_prefix>/mask.cog.tif`` or ``probabilities.cog.tif``): GDAL's COG driver
+    (through rasterio) over a tiled GeoTIFF streamed out tile by tile: 512-px internal
+    blocks, deflate, the scene's CRS and transform. The mask: overviews by nearest neighbour
+    (classes stay classes), the palette, nodata 255 (never a class). The probabilities: one
+    band per class (named after it), AVERAGE overviews (they are continuous), uint8 0-255 as
+    stored (scale 1/255) or float16 as float32 (GDAL has no float16 raster type before 3.11).
+    Returns ``dst``; it appears whole or not at all."""
     import rasterio
     import rasterio.shutil
 
-    dst = dst or join(out_prefix, "mask.cog.tif")
+    if what not in ("mask", "probabilities"):
+        raise InputError(f"what={what!r}: use 'mask' or 'probabilities'")
+    name = "mask" if what == "mask" else "probabilities"
+    dst = dst or join(out_prefix, f"{name}.cog.tif")
     with tempfile.TemporaryDirectory(prefix="segcore-cog-") as tmp:
-        src = export_geotiff(out_prefix, dst=os.path.join(tmp, "mask.tif"), level=0,
-                             require_complete=require_complete)
-        cog = os.path.join(tmp, "mask.cog.tif")
+        src = os.path.join(tmp, f"{name}.tif")
+        if what == "mask":
+            export_geotiff(out_prefix, dst=src, level=0, require_complete=require_complete)
+            resampling = "NEAREST"
+        else:
+            names = _probability_geotiff(out_prefix, src, require_complete)
+            resampling = "AVERAGE"
+        cog = os.path.join(tmp, f"{name}.cog.tif")
         with rasterio.Env(GDAL_NUM_THREADS="ALL_CPUS"):
             with rasterio.open(src, "r+") as ds:
-                ds.nodata = 255
+                if what == "mask":
+                    ds.nodata = 255
+                else:
+                    for band, label in enumerate(names, start=1):
+                        ds.set_band_description(band, label)
+                    if ds.dtypes[0] == "uint8":
+                        ds.scales = (1 / 255,) * ds.count
             rasterio.shutil.copy(src, cog, driver="COG", BLOCKSIZE=512, COMPRESS="DEFLATE",
-                                 OVERVIEW_RESAMPLING="NEAREST", BIGTIFF="IF_SAFER")
+                                 OVERVIEW_RESAMPLING=resampling, BIGTIFF="IF_SAFER")
         publish_file(cog, dst)
     return dst
+
+
+def _probability_geotiff(out_prefix: str, path: str, require_complete: bool) -> list[str]:
+    """The level-0 probabilities (``result.zarr/0``, (C, H, W)) as a tiled, band-separate
+    GeoTIFF at local ``path``, tile by tile (float16 written as float32); returns the band
+    names (the class of each channel: the foreground for one sigmoid output)."""
+    import tifffile
+
+    from segcore.io.zarrstore import open_group
+
+    _check_complete(out_prefix, require_complete)
+    root = open_group(join(out_prefix, RESULT), mode="r")
+    arr = root["0"]
+    attrs = dict(root.attrs.get("segcore") or {})
+    c, h, w = arr.shape
+    dtype = np.dtype(np.float32) if arr.dtype == np.float16 else np.dtype(arr.dtype)
+    if dtype not in (np.uint8, np.float32):
+        raise InputError(f"{out_prefix}: probabilities of dtype {arr.dtype} (encoding "
+                         f"{attrs.get('probability_encoding')!r}); expected uint8 or float16")
+    tile = TIFF_TILE if max(h, w) > TIFF_TILE else 16 * -(-max(h, w) // 16)
+    tiles = (t.astype(dtype, copy=False) for t in _plane_tiles(arr, tile))
+    tifffile.imwrite(path, data=tiles, shape=(c, h, w) if c > 1 else (h, w), dtype=dtype,
+                     tile=(tile, tile), photometric="minisblack",
+                     planarconfig="separate" if c > 1 else None, compression="zlib",
+                     compressionargs={"level": 6}, bigtiff=c * h * w * dtype.itemsize > 2**31,
+                     extratags=geotiff_tags(attrs.get("geo"), attrs.get("pixel_unit")),
+                     metadata=None)
+    names = [str(n) for n in attrs.get("class_names") or []]
+    if c == 1 and len(names) == 2:  # one sigmoid output: the foreground's probability
+        return names[1:]
+    return names if len(names) == c else [f"class {i}" for i in range(c)]
 
 
 def _check_complete(out_prefix: str, required: bool) -> None:
@@ -268,15 +318,16 @@ EXPORTS = ("geotiff", "cog", "ome-tiff", "qupath", "gpkg", "geoparquet", "geojso
 VECTOR_EXPORTS = ("qupath", "gpkg", "geoparquet", "geojson")
 
 
-def export(out_prefix: str, fmt: str, dst: str | None = None, require_complete: bool = True
-           ) -> str:
-    """One registry for every export format (``EXPORTS``); returns the file written."""
+def export(out_prefix: str, fmt: str, dst: str | None = None, require_complete: bool = True,
+           what: str = "mask") -> str:
+    """One registry for every export format (``EXPORTS``); returns the file written.
+    ``what`` ('mask' or 'probabilities'): the raster that 'cog' and 'ome-tiff' write."""
     if fmt == "geotiff":
         return export_geotiff(out_prefix, dst, require_complete=require_complete)
     if fmt == "cog":
-        return export_cog(out_prefix, dst, require_complete=require_complete)
+        return export_cog(out_prefix, dst, require_complete=require_complete, what=what)
     if fmt == "ome-tiff":
-        return export_ome_tiff(out_prefix, dst, require_complete=require_complete)
+        return export_ome_tiff(out_prefix, dst, what=what, require_complete=require_complete)
     if fmt in VECTOR_EXPORTS:
         from segcore.objects.vectors import export_vectors
 

@@ -1,5 +1,6 @@
-"""`segcore export OUT [--to FORMAT] [--dst PATH]`: the mask as a GeoTIFF for QGIS/GDAL
-(default), or the objects as QuPath GeoJSON, GeoPackage, GeoParquet or WGS84 GeoJSON."""
+"""`segcore export OUT [--to FORMAT] [--what mask|probabilities] [--dst PATH]`: the mask as a
+GeoTIFF for QGIS/GDAL (default), the mask or the probabilities as a COG or a pyramidal
+OME-TIFF, or the objects as QuPath GeoJSON, GeoPackage, GeoParquet or WGS84 GeoJSON."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    choices=["geotiff", "cog", "ome-tiff", "qupath", "gpkg", "geoparquet",
                             "geojson"],
                    help="geotiff: the mask (QGIS, GDAL); cog: the mask as a Cloud-Optimized "
-                        "GeoTIFF (512 blocks, nearest overviews, nodata 255); ome-tiff: the mask "
-                        "(or --what probabilities) as a pyramidal OME-TIFF for QuPath; qupath: objects as QuPath GeoJSON "
+                        "GeoTIFF (512 blocks, nearest overviews, nodata 255), or --what "
+                        "probabilities (one band per class, average overviews); ome-tiff: the "
+                        "mask (or --what probabilities) as a pyramidal OME-TIFF for QuPath; "
+                        "qupath: objects as QuPath GeoJSON "
                         "(pixels); gpkg / geoparquet: objects in the scene's CRS; geojson: "
                         "objects in WGS84 (RFC 7946). Object formats need 'segcore objects' "
                         "(or segment --objects) first")
     p.add_argument("--level", type=int, default=0,
                    help="geotiff: pyramid level of the mask (0 = full resolution)")
     p.add_argument("--what", default="mask", choices=["mask", "probabilities"],
-                   help="ome-tiff: which array to write")
+                   help="cog and ome-tiff: which array to write (default OUT/mask.cog.tif, "
+                        "OUT/probabilities.cog.tif, OUT/<what>.ome.tif)")
     p.add_argument("--object-type", default="detection", choices=["detection", "annotation"],
                    help="qupath: import objects as detections (cells, counted) or annotations")
     p.add_argument("--dst", default=None,
@@ -39,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.to == "cog":
         from segcore.export import export_cog
 
-        print(export_cog(args.out, dst=args.dst))
+        print(export_cog(args.out, dst=args.dst, what=args.what))
         return 0
     if args.to != "geotiff":
         from segcore.objects.vectors import export_vectors
