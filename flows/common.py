@@ -11,6 +11,7 @@ from typing import Any
 
 from prefect.cache_policies import NO_CACHE
 
+from segcore.cluster import ClusterConfig
 from segcore.errors import ConfigError, InputError, StorageError
 from segcore.io.uri import join, write_bytes_atomic
 
@@ -38,6 +39,24 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 # every segcore step passes objects (plans, reports) in-process; nothing to cache by input hash
 STEP = {"retries": RETRIES, "retry_delay_seconds": RETRY_DELAYS,
         "retry_condition_fn": retry_transient, "cache_policy": NO_CACHE}
+
+
+def cluster_config(cluster: ClusterConfig | None, scheduler: str | None) -> ClusterConfig:
+    """The cluster a flow run uses: ``cluster`` as given; else, with ``scheduler``
+    (``tcp://HOST:8786``), that running Dask scheduler, its workers advertising GPU=1 as
+    ``deployments/hosts.sh gpu-worker`` starts them; else a local cluster.
+
+    ``scheduler`` is what prefect.yaml fills from ``$SEGCORE_SCHEDULER`` at deploy time; an
+    unset variable templates to "", which counts as not given.
+    """
+    scheduler = (scheduler or "").strip()
+    if not scheduler:
+        return cluster or ClusterConfig()
+    if cluster is not None:
+        raise ConfigError(f"got both cluster={cluster!r} and scheduler={scheduler!r}; give one "
+                          "(the deployment's scheduler comes from SEGCORE_SCHEDULER at deploy "
+                          "time: unset it and redeploy, or drop the cluster parameter)")
+    return ClusterConfig(mode="address", address=scheduler, gpu_resources=True)
 
 
 def artifact_key(scene_id: str) -> str:

@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, create_model
 
-from flows.common import STEP, apply_aws_block, as_dict, publish_report
+from flows.common import STEP, apply_aws_block, as_dict, cluster_config, publish_report
 from flows.ingest import IMAGE, IngestOptions, ingest_config, ingest_task
 from segcore import pipeline
 from segcore.cluster import ClusterConfig, open_client
@@ -122,12 +122,15 @@ def run_scene(cfg: SegmentConfig, address: str, resources: dict | None,
 def segment_scene(src: str, out: str, model: str, options: SceneOptions | None = None,  # type: ignore[valid-type]
                   cluster: ClusterConfig | None = None, event_id: str | None = None,
                   ingest: IngestOptions | None = None,  # type: ignore[valid-type]
-                  aws_block: str | None = None) -> dict:
+                  aws_block: str | None = None, scheduler: str | None = None) -> dict:
     """Segment one scene into ``out/<scene-id>/`` (skipped if already complete). With
     ``ingest``, the scene is first converted to ``out/<scene-id>/image.zarr`` and segmented
     from there. ``aws_block``: a prefect-aws AwsCredentials block for s3:// (else the standard
-    AWS environment/profile)."""
+    AWS environment/profile). ``scheduler``: ``tcp://HOST:8786`` of a running Dask scheduler
+    with GPU=1 workers, instead of ``cluster`` (prefect.yaml sets it from $SEGCORE_SCHEDULER;
+    "" = not given)."""
     apply_aws_block(aws_block)
+    cluster = cluster_config(cluster, scheduler)
     cfg = scene_config(src, out, model, options, ingested=ingest is not None)
     ing = ingest_config(src, out, ingest) if ingest is not None else None
     log = get_run_logger()
@@ -135,7 +138,7 @@ def segment_scene(src: str, out: str, model: str, options: SceneOptions | None =
     if pipeline.is_complete(cfg.out):  # no cluster needed to skip
         result = run_scene(cfg, "", None, event_id)
     else:
-        with open_client(cluster or ClusterConfig()) as (client, resources):
+        with open_client(cluster) as (client, resources):
             result = run_scene(cfg, client.scheduler.address, resources, event_id, ing)
     log.info("scene %s: %s (%s tiles run, %s resumed)", scene_id(src), result["status"],
              result.get("tiles_run"), result.get("tiles_resumed"))
@@ -148,11 +151,12 @@ def segment_batch(prefix: str, out: str, model: str, options: SceneOptions | Non
                   cluster: ClusterConfig | None = None,
                   batch: BatchOptions | None = None,
                   ingest: IngestOptions | None = None,  # type: ignore[valid-type]
-                  aws_block: str | None = None) -> dict:
+                  aws_block: str | None = None, scheduler: str | None = None) -> dict:
     """Segment every scene under ``prefix`` (local, s3://, or a glob) into ``out/<scene-id>/``,
     up to ``batch.max_parallel_scenes`` at once on one shared cluster; complete scenes are
-    skipped."""
+    skipped. ``scheduler``: as segment_scene's."""
     apply_aws_block(aws_block)
+    cluster = cluster_config(cluster, scheduler)
     batch = batch or BatchOptions()
     log = get_run_logger()
     scenes = list_scenes(prefix, batch.suffixes)
@@ -172,7 +176,7 @@ def segment_batch(prefix: str, out: str, model: str, options: SceneOptions | Non
                                for c in cfgs if c not in todo}
     failures: dict[str, str] = {}
     if todo:
-        with open_client(cluster or ClusterConfig()) as (client, resources):
+        with open_client(cluster) as (client, resources):
             address = client.scheduler.address
             # one thread per scene in flight; each thread runs that scene's Prefect tasks in
             # the flow run's context, so they appear under this flow run

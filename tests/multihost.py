@@ -259,7 +259,7 @@ class Bed:
 
     def close(self) -> None:
         for _, p in reversed(self.procs):
-            _stop(p, 10)
+            _stop(p, 1)  # then SIGKILL: the whole bed and its data go anyway
         for n in reversed(self.namespaces):
             _kill_ns_pids(n)
             _run(["ip", "netns", "del", n], check=False)
@@ -380,6 +380,24 @@ def ctl_result(bed: Bed, p: subprocess.Popen, label: str = "ctl", timeout: float
     return json.loads(text.strip().splitlines()[-1])
 
 
+READY = "READY: emit the arrival event now"  # tests/multihost_ctl.py trigger prints it
+
+
+def wait_log(bed: Bed, host: str, label: str, needle: str, proc: subprocess.Popen,
+             timeout: float = 120) -> float:
+    """Seconds until ``needle`` appears in a process's log on ``host`` (it must still run)."""
+    log = bed.dir(host) / f"{label}.log"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if log.exists() and needle in log.read_text(errors="replace"):
+            return time.monotonic() - t0
+        if proc.poll() is not None:
+            raise RuntimeError(f"{host} {label} exited {proc.returncode} before {needle!r}\n"
+                               f"{log.read_text(errors='replace')[-6000:]}\n{bed.logs()}")
+        time.sleep(0.3)
+    raise TimeoutError(f"{host} {label}: no {needle!r} in {timeout}s\n{bed.logs()}")
+
+
 def ctl(bed: Bed, *args: str, timeout: float = 180) -> dict:
     """Run ``tests/multihost_ctl.py ARGS`` on the ctl host; its last stdout line is JSON."""
     r = bed.run("ctl", [str(VENV_BIN / "python"), str(REPO / "tests" / "multihost_ctl.py"),
@@ -407,7 +425,7 @@ def measure(size: int = 384, repeats: int = 2) -> dict:
         start_prefect(bed)
         bed.wait_tcp("ctl", ip("sched"), SCHED_PORT, 60)
         bed.wait_http("ctl", f"http://{ip('db')}:{PREFECT_PORT}/api/health", 120)
-        first = ctl(bed, "batch", "measure", scheduler_address(), str(size), timeout=400)
+        first = ctl(bed, "batch", "measure", scheduler_address(), str(size), "3", timeout=400)
         res["first_batch_2_workers"] = first["remote_s"]
         res["local_threads"] = first["timings"]["local"]
         res["tiles"] = first["first"]["tiles_run"]
