@@ -29,6 +29,9 @@ from segcore.io.uri import join
 from segcore.pipeline import SegmentConfig
 from segcore.watch import SCENE_SUFFIXES, list_scenes, scene_id
 
+# automatic re-runs of a scene whose runs crashed (flows/automations.py) before it fails
+MAX_RECOVERIES = 2
+
 # The flow's per-scene options are SegmentConfig minus what the flow decides (src, out, model).
 _SCENE_FIELDS = {k: (f.annotation, f) for k, f in SegmentConfig.model_fields.items()
                  if k not in ("src", "out", "model")}
@@ -122,18 +125,30 @@ def run_scene(cfg: SegmentConfig, address: str, resources: dict | None,
 def segment_scene(src: str, out: str, model: str, options: SceneOptions | None = None,  # type: ignore[valid-type]
                   cluster: ClusterConfig | None = None, event_id: str | None = None,
                   ingest: IngestOptions | None = None,  # type: ignore[valid-type]
-                  aws_block: str | None = None, scheduler: str | None = None) -> dict:
+                  aws_block: str | None = None, scheduler: str | None = None,
+                  recovery: int = 0) -> dict:
     """Segment one scene into ``out/<scene-id>/`` (skipped if already complete). With
     ``ingest``, the scene is first converted to ``out/<scene-id>/image.zarr`` and segmented
     from there. ``aws_block``: a prefect-aws AwsCredentials block for s3:// (else the standard
     AWS environment/profile). ``scheduler``: ``tcp://HOST:8786`` of a running Dask scheduler
     with GPU=1 workers, instead of ``cluster`` (prefect.yaml sets it from $SEGCORE_SCHEDULER;
-    "" = not given)."""
+    "" = not given). ``recovery``: how many runs of this scene crashed before this one (set
+    by the recovery automation, flows/automations.py); above ``MAX_RECOVERIES`` the run
+    fails at once instead of crashing again."""
+    log = get_run_logger()
+    if recovery > MAX_RECOVERIES:
+        raise ConfigError(
+            f"{src}: {recovery} runs of this scene crashed (lost their process: out of memory, "
+            f"a node lost, a worker stopped); not re-running it automatically more than "
+            f"{MAX_RECOVERIES} times. Look at the crashed runs' logs and the worker's, fix the "
+            "cause, then run the deployment for this scene by hand")
+    if recovery:
+        log.warning("scene %s: recovery run %d after a crashed run; finished shards are "
+                    "resumed", src, recovery)
     apply_aws_block(aws_block)
     cluster = cluster_config(cluster, scheduler)
     cfg = scene_config(src, out, model, options, ingested=ingest is not None)
     ing = ingest_config(src, out, ingest) if ingest is not None else None
-    log = get_run_logger()
     log.info("scene %s -> %s", cfg.src, cfg.out)
     if pipeline.is_complete(cfg.out):  # no cluster needed to skip
         result = run_scene(cfg, "", None, event_id)

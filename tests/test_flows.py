@@ -7,6 +7,8 @@ depth 2 and width 4 saved as a real checkpoint.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -101,6 +103,21 @@ def test_flow_parameters_are_validated(harness, model_uri, tmp_path):
     with pytest.raises(InputError, match="missing.tif"):
         segment_scene(str(tmp_path / "missing.tif"), str(tmp_path / "o"), model_uri, OPTIONS,
                       CLUSTER)
+
+
+def test_recovery_runs_are_bounded(harness, model_uri, tmp_path):
+    """The recovery automation re-runs a crashed scene with recovery + 1; past MAX_RECOVERIES
+    the flow fails at once (Failed, not another crash), naming the scene, writing nothing."""
+    from flows.segment import MAX_RECOVERIES
+
+    src = write_scene(tmp_path / "s.tif", 0)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=f"{MAX_RECOVERIES + 1} runs of this scene crashed"):
+        segment_scene(src, str(out), model_uri, OPTIONS, CLUSTER,
+                      recovery=MAX_RECOVERIES + 1)
+    assert not out.exists()
+    r = segment_scene(src, str(out), model_uri, OPTIONS, CLUSTER, recovery=MAX_RECOVERIES)
+    assert r["status"] == "segmented"
 
 
 def test_resume_recomputes_only_missing_shards(harness, model_uri, tmp_path, monkeypatch):
@@ -212,3 +229,33 @@ def test_segment_scene_on_s3_with_aws_credentials_block(harness, model_uri, tmp_
                  "result.zarr/labels/mask/zarr.json"):
         assert exists(f"{base}/out/S2_tile/{name}"), name
     assert read_mask(r["out"]).shape == (150, 130)
+
+
+def test_recovery_automation_parameters_render():
+    """The re-run action's parameters, rendered by the Prefect server's own template code
+    (upgrade, validate, render) for a first crash and a crashed recovery run: the scene, its
+    event id and recovery + 1, typed. (A template that does not render makes the action fail
+    on the server, silently for the user: it happened.)"""
+    from prefect.server.events.actions import RunDeployment
+    from prefect.server.utilities.user_templates import (
+        render_user_template_sync,
+        validate_user_template,
+    )
+
+    from flows.automations import UNRESPONSIVE, rerun_crashed, unresponsive_runs
+
+    action = rerun_crashed(["00000000-0000-0000-0000-000000000001"]).actions[0]
+    assert action.source == "inferred"
+    params = dict(action.parameters)
+    RunDeployment._upgrade_v1_templates(params)
+    for before, after in (({}, 1), ({"recovery": 1}, 2)):
+        ctx = {"flow_run": {"parameters": {"src": "s3://b/in/a.tif", "event_id": "e-1",
+                                           **before}}}
+        got = {}
+        for key, value in params.items():
+            template = value["value"]["template"]
+            validate_user_template(template)
+            got[key] = json.loads(render_user_template_sync(template, ctx))
+        assert got == {"src": "s3://b/in/a.tif", "event_id": "e-1", "recovery": after}
+    crash = unresponsive_runs(90)
+    assert crash.name == UNRESPONSIVE and crash.trigger.within.total_seconds() == 90

@@ -11,8 +11,10 @@
    announced while no worker runs; then a new worker): every arrival becomes exactly one
    run; all those the stop did not interrupt complete; the runs it interrupted (Prefect's
    process worker kills its flow-run processes when it stops, and their runs stay Running)
-   are finished by the nightly sweep deployment, which resumes their shards and leaves the
-   completed scenes untouched. In the end all 20 scenes are complete, none segmented twice.
+   are found by the recovery automations (flows/automations.py: no heartbeat for 90 s ->
+   Crashed; a crashed arrival runs again with ``recovery`` 1), whose re-runs resume exactly
+   their verified shards. In the end all 20 scenes are complete, none segmented twice, and
+   nothing was run by hand.
 
 Figures (seconds, peak RSS) are printed with ``-s`` and quoted in docs/RELIABILITY.md.
 """
@@ -34,7 +36,7 @@ from segcore.config import InputContract, ModelSpec
 from segcore.models import build_model
 from segcore.models.checkpoint import save_checkpoint
 from segcore.shards import KILL_ENV
-from tests.prefectstack import PREFECT, PYTHON, PrefectStack, RssSampler, wait_for
+from tests.prefectstack import PYTHON, PrefectStack, RssSampler, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -42,6 +44,8 @@ N_BATCH = 50
 N_BURST = 20
 MAX_PARALLEL = 4
 WORKER_LIMIT = 2  # flow-run processes at once per worker (each imports torch: 2 cores)
+HEARTBEAT = 30  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY on the workers (Prefect's minimum)
+WITHIN = 90  # seconds without a heartbeat before the automation crashes a run
 GiB = 2**30
 
 
@@ -75,6 +79,8 @@ def stack(tmp_path_factory):
         st.start_server()
         t1 = time.monotonic()
         st.deploy("on-arrival", "nightly")
+        # the recovery automations an operator installs once per server (flows/automations.py)
+        st.run([PYTHON, "-m", "flows.automations", "--within", str(WITHIN)])
         print(f"\n[load] {st.database} + server healthy in {t1 - t0:.1f} s, deployed in "
               f"{time.monotonic() - t1:.1f} s", flush=True)
         yield st
@@ -231,7 +237,8 @@ def test_burst_of_20_arrivals_survives_a_worker_restart(stack, tmp_path):
         print(f"[burst {time.monotonic() - t0:6.1f} s] {what}", flush=True)
 
     half = N_BURST // 2
-    worker = stack.start_worker(limit=WORKER_LIMIT)
+    beat = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT)}
+    worker = stack.start_worker(limit=WORKER_LIMIT, env=beat)
     first = write_scenes(inbox, half)
     assert json.loads(stack.run(watch).splitlines()[-1])["announced"] == half
     stage(f"{half} arrivals announced")
@@ -258,58 +265,61 @@ def test_burst_of_20_arrivals_survives_a_worker_restart(stack, tmp_path):
     lost = {r.parameters["src"]: r.state.name for r in _runs(stack, "on-arrival")
             if not r.state.is_final() and not r.state.is_scheduled()}
     stage(f"runs left neither final nor scheduled by the stop: {sorted(lost.values())}")
+    resumable = {s: _records(out / Path(s).stem) for s in lost}
     # arrivals while no worker is polling
     second = write_scenes(inbox, N_BURST - half, start=half)
     assert json.loads(stack.run(watch).splitlines()[-1])["announced"] == N_BURST - half
     stage(f"{N_BURST - half} more arrivals announced with no worker running")
-    worker = stack.start_worker(limit=WORKER_LIMIT)
+    worker = stack.start_worker(limit=WORKER_LIMIT, env=beat)
     scenes = sorted(first + second)
     with RssSampler(worker.pid) as rss2:
+        # the recovery automations: a run silent for WITHIN s is Crashed, and a crashed
+        # arrival runs again (recovery 1), resuming its scene; nobody runs anything by hand
         def settled():
             runs = _runs(stack, "on-arrival")
-            done = [r for r in runs if r.state.is_final()]
-            return runs if len(runs) >= N_BURST and len(done) >= N_BURST - len(lost) else None
+            if len(runs) < N_BURST + len(lost) or not all(r.state.is_final() for r in runs):
+                return None
+            return runs
 
-        runs = wait_for(settled, 420, "the triggered runs to finish", interval=1,
-                        log=stack.worker_log)
-        stage("every triggered run not lost in the stop is final")
-        # every arrival became exactly one run, the 10 announced while no worker ran too
-        assert sorted(r.parameters["src"] for r in runs) == scenes
-        assert len({r.parameters["event_id"] for r in runs}) == N_BURST
-        bad = [(r.parameters["src"], r.state.name) for r in runs
-               if r.state.is_final() and not r.state.is_completed()]
-        assert not bad, bad
-        for s in second:  # announced with no worker running: none lost
-            assert (out / Path(s).stem / "COMPLETE").exists(), s
-        # the nightly sweep (prefect.yaml's segment-batch/nightly, run now instead of 02:00)
-        # finishes what the stop interrupted, resuming half-done scenes, skipping the rest
-        before = {s: (out / Path(s).stem / "report.json").read_bytes() for s in scenes
-                  if (out / Path(s).stem / "COMPLETE").exists()}
-        assert set(before) == set(scenes) - set(lost)
-        resumable = {s: _records(out / Path(s).stem) for s in lost}
-        stack.run([PREFECT, "deployment", "run", "segment-batch/nightly"])
-        sweep = wait_for(lambda: [r for r in _runs(stack, "nightly") if r.state.is_final()],
-                         300, "the nightly sweep to finish", interval=1, log=stack.worker_log)
+        runs = wait_for(settled, 600, "every arrival to be final, the lost ones re-run",
+                        interval=2, log=stack.worker_log)
+        stage("every run final, the crashed ones re-run by the automation")
     peak = max(rss1.peak, rss2.peak)
-    stage("nightly sweep final")
-    assert sweep[0].state.is_completed(), stack.worker_log.read_text()[-4000:]
+    by_src: dict[str, list] = {}
+    for r in runs:
+        by_src.setdefault(r.parameters["src"], []).append(r)
+    assert sorted(by_src) == scenes  # every arrival became a run, the 10 announced
+    assert len({r.parameters["event_id"] for r in runs}) == N_BURST  # while no worker ran too
+    crashed_after = []
+    for s, rs in by_src.items():
+        rs.sort(key=lambda r: r.parameters.get("recovery") or 0)
+        if s not in lost:  # one run, completed
+            assert [r.state.name for r in rs] == ["Completed"], (s, [r.state for r in rs])
+            continue
+        # crashed by the heartbeat automation, then run again once, completed
+        assert [r.state.name for r in rs] == ["Crashed", "Completed"], (s, [r.state for r in rs])
+        assert "no heartbeat" in (rs[0].state.message or ""), rs[0].state
+        assert rs[1].parameters["recovery"] == 1
+        assert rs[1].parameters["event_id"] == rs[0].parameters["event_id"]
+        if rs[0].start_time:
+            crashed_after.append((rs[0].state.timestamp - rs[0].start_time).total_seconds())
     for s in scenes:
         sid = Path(s).stem
         assert (out / sid / "COMPLETE").exists(), sid
         rep = json.loads((out / sid / "report.json").read_text())
         assert rep["tiles_run"] + rep["tiles_resumed"] == rep["tiles_total"], sid
-        if s in before:  # completed by its own run: the sweep skipped it, untouched
-            assert (out / sid / "report.json").read_bytes() == before[s], sid
-            assert rep["tiles_resumed"] == 0, sid
-        else:  # interrupted: the sweep resumed exactly the shards with a valid record
+        if s in lost:  # the re-run resumed exactly the shards with a valid record
             assert rep["tiles_resumed"] == resumable[s], sid
+        else:
+            assert rep["tiles_resumed"] == 0, sid
     secs = time.monotonic() - t0
     durations = sorted((r.end_time - r.start_time).total_seconds() for r in runs
                        if r.state.is_completed())
     lag = sorted((r.start_time - r.expected_start_time).total_seconds() for r in runs
                  if r.start_time)
-    stage(f"{N_BURST} arrivals complete in {secs:.1f} s ({len(lost)} interrupted by the stop "
-          f"and finished by the sweep, resuming {sum(resumable.values())} shards); run time "
+    stage(f"{N_BURST} arrivals complete in {secs:.1f} s ({len(lost)} lost in the stop, "
+          f"crashed by the automation {', '.join(f'{c:.0f}' for c in crashed_after)} s after "
+          f"their start and re-run, resuming {sum(resumable.values())} shards); run time "
           f"median {durations[len(durations) // 2]:.1f} s, start lag median "
           f"{lag[len(lag) // 2]:.1f} s, max {lag[-1]:.1f} s; peak RSS of the worker tree "
           f"{peak / 2**20:.0f} MiB")
