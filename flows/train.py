@@ -11,6 +11,8 @@ from flows.common import STEP
 from segcore.cluster import ClusterConfig
 from segcore.training import TrainConfig, train
 
+WORKER_LOSS_RESUMES = 2
+
 
 @task(name="train", **{**STEP, "retries": 0})  # a crashed run resumes from cfg.resume instead
 def train_task(cfg: TrainConfig, cluster: ClusterConfig | None = None, ranks: int = 1) -> dict:
@@ -19,9 +21,10 @@ def train_task(cfg: TrainConfig, cluster: ClusterConfig | None = None, ranks: in
     from segcore.cluster import open_client
     from segcore.training.distributed import train_distributed
 
-    # one rank per Dask worker (a GPU worker each with resources GPU=1), rank 0 writes
+    # one rank per Dask worker (a GPU worker each with resources GPU=1), rank 0 writes; a
+    # lost worker: wait for a replacement and go on from the last checkpoint (twice at most)
     with open_client(cluster) as (client, _):
-        return asdict(train_distributed(cfg, client, ranks))
+        return asdict(train_distributed(cfg, client, ranks, resumes=WORKER_LOSS_RESUMES))
 
 
 @flow(name="train-model", validate_parameters=True)

@@ -37,6 +37,13 @@ class StorageError(SegcoreError, OSError):
     exit_code = 3
 
 
+class WorkerLostError(SegcoreError, RuntimeError):
+    """A Dask worker running part of a job was lost (killed, preempted, its host gone); what
+    was checkpointed survives (retry or resume is sensible)."""
+
+    exit_code = 3
+
+
 class IncompleteResultError(SegcoreError, RuntimeError):
     """A result exists but is not complete (a crashed or running job)."""
 

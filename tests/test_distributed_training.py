@@ -60,3 +60,76 @@ def test_training_workers_start_without_dask_malloc_trim():
         cluster = LocalCluster(**kw)
     with cluster, Client(cluster) as client:
         assert set(client.run(_trim_threshold).values()) == {None}
+
+
+def test_a_lost_rank_stops_the_run_and_it_resumes_from_its_checkpoint(tmp_path):
+    """kill -9 rank 1's worker after the step-4 checkpoint: the run stops within the gloo
+    timeout with a WorkerLostError naming the checkpoint (rank 1's task, pinned to the dead
+    worker, is cancelled instead of waiting for it), the nanny restarts the worker, and
+    resuming on the same cluster reaches the same weights and losses as an uninterrupted
+    2-rank run; with ``resumes=1`` (the train_model flow) it resumes by itself."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import torch
+
+    from segcore.errors import WorkerLostError
+    from segcore.training.loop import state_uri
+
+    data = write_pairs(tmp_path / "data", n=6, size=64)
+    base = TrainConfig(data=str(data), arch="unet",
+                       model_kwargs={"depth": 2, "width": 4, "norm": "group"}, patch=64,
+                       batch=4, steps=16, warmup=2, lr=5e-3, seed=7, bf16=False, threads=1,
+                       checkpoint_every=4, augment=AugmentConfig(elastic_sigma=4),
+                       out=str(tmp_path / "ref.safetensors"))
+    cfg = base.model_copy(update={"out": str(tmp_path / "lost.safetensors")})
+    kw = dict(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    with LocalCluster(**kw) as cluster, Client(cluster) as client:
+        ref = train_distributed(base, client, 2)
+        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        pid = client.run(os.getpid, workers=[workers[1]])[workers[1]]
+        state = Path(state_uri(cfg.out))
+        killed: dict = {}
+
+        def kill_after_first_checkpoint():
+            deadline = time.monotonic() + 120
+            while not state.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            killed["at"] = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+        killer.start()
+        with pytest.raises(WorkerLostError, match="--resume") as err:
+            train_distributed(cfg, client, 2, timeout_s=30)
+        stopped = time.monotonic() - killed["at"]
+        killer.join(5)
+        assert cfg.out in str(err.value)
+        assert stopped < 40, stopped  # within the gloo timeout, not the 600 s default
+        step = torch.load(state, weights_only=True)["step"]
+        assert 4 <= step < 16
+        client.wait_for_workers(2, timeout=60)  # the nanny brought rank 1's worker back
+        rest = train_distributed(cfg.model_copy(update={"resume": cfg.out}), client, 2)
+
+        # the same loss with resumes=1 (what the train_model flow passes): no hand needed
+        auto_cfg = base.model_copy(update={"out": str(tmp_path / "auto.safetensors")})
+        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        pid = client.run(os.getpid, workers=[workers[1]])[workers[1]]
+        state = Path(state_uri(auto_cfg.out))
+        killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+        killer.start()
+        auto = train_distributed(auto_cfg, client, 2, timeout_s=30, resumes=1, wait_s=60)
+        killer.join(5)
+        assert "at" in killed
+    print(f"\nrank 1 killed after the step-{step} checkpoint; the run stopped {stopped:.1f} s "
+          f"later; resumed from step {step} to {rest.steps}; with resumes=1 it went on by "
+          f"itself to step {auto.steps}")
+    _, a = read_checkpoint(Path(ref.checkpoint).read_bytes())
+    for res in (rest, auto):
+        assert res.steps == ref.steps == 16
+        np.testing.assert_allclose(res.losses, ref.losses, rtol=1e-5, atol=1e-6)
+        _, b = read_checkpoint(Path(res.checkpoint).read_bytes())
+        for k in a:
+            np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-5, atol=1e-6)

@@ -6,10 +6,14 @@ when the worker sees a GPU. A worker's GPU is pinned by its environment (``CUDA_
 set by LocalCUDACluster or a Nanny ``env``), so inside the rank the device is ``cuda:0``.
 Every rank draws the same global batch from the same seed and trains on its slice, so N ranks
 with batch B/N follow one process with batch B (up to BatchNorm statistics, which are per rank).
+
+A lost worker stops the run at the next collective (the peer's connection closes), every rank
+is cancelled, and the run can go on from its last checkpoint (``resumes``, or ``--resume``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -17,9 +21,11 @@ from contextlib import contextmanager
 from datetime import timedelta
 from urllib.parse import urlparse
 
-from segcore.errors import ConfigError
+from segcore.errors import ConfigError, SegcoreError, WorkerLostError
 from segcore.training.config import TrainConfig
 from segcore.training.loop import TrainResult
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -100,11 +106,31 @@ def _rank_main(cfg: TrainConfig, rank: int, world: int, host: str, port: int,
         dist.destroy_process_group()
 
 
-def train_distributed(cfg: TrainConfig, client, n_workers: int,
-                      timeout_s: float = 600.0) -> TrainResult:
+def train_distributed(cfg: TrainConfig, client, n_workers: int, timeout_s: float = 600.0,
+                      resumes: int = 0, wait_s: float = 600.0) -> TrainResult:
     """Train with DDP on ``n_workers`` of the client's workers; returns rank 0's result
     (rank 0 writes the checkpoints). Each worker runs one long task, so give workers one
-    thread slot (``threads_per_worker=1``) or they may be asked to run two ranks."""
+    thread slot (``threads_per_worker=1``) or they may be asked to run two ranks.
+
+    When a rank's worker is lost the run stops (:class:`WorkerLostError`); with ``resumes``
+    it waits up to ``wait_s`` for ``n_workers`` workers again (a restarted or replacement
+    worker) and goes on from the last checkpoint, at most ``resumes`` times."""
+    for attempt in range(resumes + 1):
+        try:
+            return _train_once(cfg, client, n_workers, timeout_s)
+        except WorkerLostError:
+            from segcore.training.loop import state_uri
+
+            if attempt == resumes or not _exists(state_uri(cfg.out)):
+                raise
+            log.warning("a DDP rank's worker was lost; waiting for %d workers, then resuming "
+                        "from %s (%d of %d)", n_workers, cfg.out, attempt + 1, resumes)
+            client.wait_for_workers(n_workers, timeout=wait_s)
+            cfg = cfg.model_copy(update={"resume": cfg.out})
+    raise AssertionError("unreachable")
+
+
+def _train_once(cfg: TrainConfig, client, n_workers: int, timeout_s: float) -> TrainResult:
     workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
     if n_workers < 1:
         raise ConfigError(f"n_workers {n_workers} must be >= 1")
@@ -122,5 +148,28 @@ def train_distributed(cfg: TrainConfig, client, n_workers: int,
                              workers=[w], allow_other_workers=False, pure=False,
                              key=f"segcore-ddp-rank{r}-{port}")
                for r, w in enumerate(workers[:n_workers])]
-    results = client.gather(futures)
+    try:
+        results = client.gather(futures)
+    except Exception as e:
+        # a rank failed: most often its worker was lost (killed, preempted, its host gone),
+        # and the other ranks stopped at their next collective (gloo: the peer's connection
+        # closed, or ``timeout_s``). A rank pinned to a lost worker would wait for that worker
+        # for ever: cancel every rank, so that the cluster is free for the resumed run.
+        client.cancel(futures, force=True)
+        if isinstance(e, SegcoreError):  # the rank's own refusal (data, config): as it is
+            raise
+        from segcore.training.loop import state_uri
+
+        last = cfg.out if _exists(state_uri(cfg.out)) else None
+        how = (f"the last checkpoint is {last}: run again with --resume {last} (flow: "
+               f"cfg.resume) to go on from it" if last else
+               "no checkpoint was written yet: run it again")
+        raise WorkerLostError(f"DDP training on {n_workers} workers stopped: a rank failed "
+                              f"({type(e).__name__}: {str(e)[:300]}); {how}") from e
     return results[0]
+
+
+def _exists(uri: str) -> bool:
+    from segcore.io.uri import exists
+
+    return exists(uri)
