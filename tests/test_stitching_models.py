@@ -11,17 +11,24 @@ from segcore.stitching import predict_tiled, predict_whole
 from tests.test_tiling import _torch_predict as _predict
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("tile", "halo"), [(256, 96), (512, 128)])
-def test_u2netp_tiled_matches_whole_image_within_1e4(tile, halo):
-    """U2-Net's theoretical field (3326 px, measured) cannot fit a practical tile, so exact
-    crop stitching is out of reach; with random weights the influence beyond ~100 px is below
-    1e-4, which this checks on an odd-sized image (the report flags such runs as approximate)."""
+@pytest.fixture(scope="module")
+def u2netp_whole():
+    """(predictor, image, whole-image prediction): the whole pass is the costly part, shared
+    by the tile/halo cases."""
     torch.manual_seed(0)
     model = build_model(ModelSpec(arch="u2netp", in_channels=3, out_channels=1)).eval()
     img = np.random.default_rng(0).random((3, 300, 260)).astype(np.float32)
     pred = _predict(model)
-    whole = predict_whole(pred, img, pad=512, multiple=32)
+    return pred, img, predict_whole(pred, img, pad=512, multiple=32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("tile", "halo"), [(256, 96), (512, 128)])
+def test_u2netp_tiled_matches_whole_image_within_1e4(u2netp_whole, tile, halo):
+    """U2-Net's theoretical field (3326 px, measured) cannot fit a practical tile, so exact
+    crop stitching is out of reach; with random weights the influence beyond ~100 px is below
+    1e-4, which this checks on an odd-sized image (the report flags such runs as approximate)."""
+    pred, img, whole = u2netp_whole
     tiled = predict_tiled(pred, img, tile=tile, halo=halo, multiple=32)
     assert np.abs(whole - tiled).max() < 1e-4
 
