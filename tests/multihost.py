@@ -34,6 +34,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.prefectstack import pg_bin, postgres_unavailable
+
 PREFIX = "sgc-"
 NET_NS = f"{PREFIX}net"
 BRIDGE = "br0"
@@ -42,7 +44,6 @@ HOSTS = {"storage": 2, "db": 3, "sched": 4, "gpu1": 5, "gpu2": 6, "ctl": 7}
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 S3_PORT, PG_PORT, PREFECT_PORT, SCHED_PORT = 5000, 5432, 4200, 8786
-PG_BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/local/bin", "/usr/bin")
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
        "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -61,14 +62,6 @@ def _run(argv: Sequence[str], timeout: float = 20, check: bool = True
                           check=check)
 
 
-def pg_bin(tool: str) -> str | None:
-    for d in PG_BIN_DIRS:
-        p = Path(d) / tool
-        if p.exists():
-            return str(p)
-    return shutil.which(tool)
-
-
 def unavailable_reason() -> str | None:
     """Why the bed cannot run here (None: it can)."""
     if sys.platform != "linux":
@@ -77,15 +70,9 @@ def unavailable_reason() -> str | None:
         return "multi-host test bed needs root (ip netns add); CI runs `make test` as root"
     if shutil.which("ip") is None:
         return "multi-host test bed needs iproute2 (`ip`)"
-    for tool in ("initdb", "postgres", "pg_isready", "createdb", "psql"):
-        if pg_bin(tool) is None:
-            return f"multi-host test bed needs PostgreSQL's {tool} (apt-get install postgresql)"
-    try:
-        import pwd
-
-        pwd.getpwnam("postgres")
-    except KeyError:
-        return "multi-host test bed needs the `postgres` system user (PostgreSQL package)"
+    why = postgres_unavailable(("initdb", "postgres", "pg_isready", "createdb", "psql"))
+    if why:
+        return f"multi-host test bed: {why} (apt-get install postgresql)"
     probe = f"{PREFIX}probe-{os.getpid()}"
     try:
         r = _run(["ip", "netns", "add", probe], check=False)
@@ -212,39 +199,38 @@ class Bed:
                timeout: float = 60) -> str:
         return self.run(name, [str(VENV_BIN / "python"), "-c", code], env, timeout).stdout
 
+    def _poll(self, src: str, attempt: str, timeout: float, pause: float) -> tuple[bool, float]:
+        """Run ``attempt`` (a Python statement that raises OSError until the service answers)
+        on host ``src`` every ``pause`` s for up to ``timeout`` s: (answered, seconds)."""
+        code = ("import socket,sys,time,urllib.request\n"
+                f"end=time.monotonic()+{timeout}\n"
+                "while time.monotonic()<end:\n"
+                "    try:\n"
+                f"        {attempt}; sys.exit(0)\n"
+                f"    except OSError: time.sleep({pause})\n"
+                "sys.exit(1)\n")
+        t0 = time.monotonic()
+        r = self.run(src, [str(VENV_BIN / "python"), "-c", code], timeout=timeout + 10,
+                     check=False)
+        return r.returncode == 0, time.monotonic() - t0
+
     def wait_tcp(self, src: str, host: str, port: int, timeout: float = 60,
                  proc: subprocess.Popen | None = None) -> float:
         """Seconds until ``host:port`` accepts a connection from host ``src``."""
-        code = ("import socket,sys,time\n"
-                f"end=time.monotonic()+{timeout}\n"
-                "while time.monotonic()<end:\n"
-                "    try:\n"
-                f"        socket.create_connection(({host!r},{port}),1).close(); sys.exit(0)\n"
-                "    except OSError: time.sleep(0.2)\n"
-                "sys.exit(1)\n")
-        t0 = time.monotonic()
-        r = self.run(src, [str(VENV_BIN / "python"), "-c", code], timeout=timeout + 10,
-                     check=False)
-        if r.returncode:
+        ok, secs = self._poll(src, f"socket.create_connection(({host!r},{port}),1).close()",
+                              timeout, 0.2)
+        if not ok:
             raise TimeoutError(f"{host}:{port} not reachable from {src} in {timeout}s"
                                + (f" (process exited {proc.poll()})" if proc and proc.poll()
                                   is not None else "") + "\n" + self.logs())
-        return time.monotonic() - t0
+        return secs
 
     def wait_http(self, src: str, url: str, timeout: float = 90) -> float:
-        code = ("import sys,time,urllib.request\n"
-                f"end=time.monotonic()+{timeout}\n"
-                "while time.monotonic()<end:\n"
-                "    try:\n"
-                f"        urllib.request.urlopen({url!r},timeout=2).read(); sys.exit(0)\n"
-                "    except OSError: time.sleep(0.5)\n"
-                "sys.exit(1)\n")
-        t0 = time.monotonic()
-        r = self.run(src, [str(VENV_BIN / "python"), "-c", code], timeout=timeout + 10,
-                     check=False)
-        if r.returncode:
+        ok, secs = self._poll(src, f"urllib.request.urlopen({url!r},timeout=2).read()",
+                              timeout, 0.5)
+        if not ok:
             raise TimeoutError(f"{url} not healthy from {src} in {timeout}s\n" + self.logs())
-        return time.monotonic() - t0
+        return secs
 
     def logs(self, tail: int = 1500) -> str:
         out = []

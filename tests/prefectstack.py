@@ -42,13 +42,14 @@ def pg_bin(tool: str) -> str | None:
     return shutil.which(tool)
 
 
-def postgres_unavailable() -> str | None:
-    """Why a throwaway PostgreSQL cannot run here (None: it can)."""
+def postgres_unavailable(tools: tuple[str, ...] = ("initdb", "postgres", "pg_isready",
+                                                   "createdb")) -> str | None:
+    """Why a throwaway PostgreSQL (with ``tools``) cannot run here (None: it can)."""
     import pwd
 
     if os.geteuid() != 0 or shutil.which("runuser") is None:
         return "needs root and runuser to start PostgreSQL as the postgres user"
-    for tool in ("initdb", "postgres", "pg_isready", "createdb"):
+    for tool in tools:
         if pg_bin(tool) is None:
             return f"PostgreSQL's {tool} is not installed"
     try:
@@ -97,18 +98,12 @@ def tree_rss(pid: int) -> int:
     """Resident bytes of a process and all its descendants (0 once it is gone)."""
     import psutil
 
+    from bench.procs import tree_rss as process_tree_rss
+
     try:
-        p = psutil.Process(pid)
-        procs = [p, *p.children(recursive=True)]
+        return process_tree_rss(psutil.Process(pid))
     except psutil.NoSuchProcess:
         return 0
-    total = 0
-    for q in procs:
-        try:
-            total += q.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 class RssSampler:

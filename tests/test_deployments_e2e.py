@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,42 +24,13 @@ from segcore.config import InputContract, ModelSpec
 from segcore.io.uri import exists, get_fs, read_bytes
 from segcore.models import build_model
 from segcore.models.checkpoint import save_checkpoint
+from tests.prefectstack import free_port, stop, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PREFECT = str(BIN / "prefect")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group this test created (start_new_session)
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout)
-    except ProcessLookupError:
-        pass
-
-
-def _wait(pred, timeout: float, what: str, interval: float = 0.5, log: Path | None = None):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    tail = log.read_text()[-3000:] if log and log.exists() else ""
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
 
 
 def _run(args: list[str], env: dict, timeout: float = 120) -> str:
@@ -72,7 +41,7 @@ def _run(args: list[str], env: dict, timeout: float = 120) -> str:
 
 @pytest.fixture
 def prefect_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
@@ -99,10 +68,10 @@ def prefect_server(tmp_path):
             return False
 
     try:
-        _wait(healthy, 120, "the Prefect server to be healthy", log=log)
+        wait_for(healthy, 120, "the Prefect server to be healthy", log=log)
         yield env
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _scene(path: Path) -> None:
@@ -185,7 +154,7 @@ def test_event_triggered_deployment_segments_an_arrived_scene(prefect_server, s3
                 done = [r for r in runs if r.state and r.state.is_final()]
                 return done[0] if done else None
 
-            run = _wait(finished_run, 300, "the triggered flow run to finish", interval=1,
+            run = wait_for(finished_run, 300, "the triggered flow run to finish", interval=1,
                         log=wlog)
             stage(f"flow run finished: {run.state.type.value}, "
                   f"{(run.end_time - run.start_time).total_seconds():.1f} s running")
@@ -213,7 +182,7 @@ def test_event_triggered_deployment_segments_an_arrived_scene(prefect_server, s3
         # exactly one run: the event fired once and the flow's own events do not retrigger it
         assert len(client_runs(env)) == 1
     finally:
-        _stop(worker)
+        stop(worker)
 
 
 def client_runs(env: dict) -> list:
