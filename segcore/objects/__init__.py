@@ -175,6 +175,8 @@ def _split_and_write(t: _Pass, inst: np.ndarray, m: dict, classes: np.ndarray,
     """Objects inside the shard are complete: their rows (and polygons) go to the shard's part
     file. Objects on an edge shared with another shard go back to the driver as partial
     measurements (and polygon parts), to be added up with their other parts."""
+    import shapely
+
     from segcore.objects.polygons import edge_ids, finish, shard_polygons
     from segcore.objects.table import arrow, rows
 
@@ -184,7 +186,7 @@ def _split_and_write(t: _Pass, inst: np.ndarray, m: dict, classes: np.ndarray,
     geoms = shard_polygons(inst, r) if t.polygons else {}
     res = {"i": (r.row, r.col), "pixels": pixels, "whole": int(inside.sum()),
            **{k: v[border] for k, v in m.items()},
-           "parts": [(int(o), shapely_wkb(geoms[int(o)])) for o in m["ids"][border]]
+           "parts": [(int(o), shapely.to_wkb(geoms[int(o)])) for o in m["ids"][border]]
            if t.polygons else [],
            "bounds": None, "types": set()}
     if res["whole"]:
@@ -196,12 +198,6 @@ def _split_and_write(t: _Pass, inst: np.ndarray, m: dict, classes: np.ndarray,
         table = arrow(rows(whole, classes[inside], list(t.class_names), t.attrs or {}), wkb)
         _write_part(t.out, r, table)
     return res
-
-
-def shapely_wkb(g) -> bytes:
-    import shapely
-
-    return shapely.to_wkb(g)
 
 
 def _part_uri(out: str, ref: ShardRef) -> str:

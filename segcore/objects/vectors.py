@@ -36,7 +36,6 @@ from segcore.io.uri import (
     get_fs,
     join,
     publish_file,
-    read_bytes,
     storage_error_types,
     storage_failure,
 )
@@ -71,14 +70,6 @@ def geo_schema(table_schema, bounds: tuple | None, types: set[str], crs=None):
         col["bbox"] = [float(v) for v in bounds]
     return table_schema.append(pa.field(meta["primary_column"], pa.binary())).with_metadata(
         {b"geo": json.dumps(meta).encode()})
-
-
-def read_polygons(out: str):
-    """The whole of ``polygons.parquet`` as one GeoDataFrame (small results, tests); the
-    exports stream it with :func:`_chunks` instead."""
-    import geopandas as gpd
-
-    return gpd.read_parquet(io.BytesIO(read_bytes(_polygons_uri(out))))
 
 
 def _polygons_uri(out: str) -> str:
