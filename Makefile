@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: install test test-load demo lint bench bench-memory clean
+.PHONY: install test test-precision test-load demo lint bench bench-memory clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,16 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the tests whose outcome hangs on what --amp/--tile auto detect, run as each kind of CPU
+# would decide (SEGCORE_CPU_FEATURES overrides the detected flags; segcore/inference.py)
+CPU_KINDS ?= avx2 avx512_bf16 amx
+WHY_AMP := import torch; from segcore.inference import choose_precision as c; print(c(torch.device("cpu")).reason)
+test-precision: $(STAMP)
+	@for kind in $(CPU_KINDS); do \
+	  echo "== SEGCORE_CPU_FEATURES=$$kind: $$(SEGCORE_CPU_FEATURES=$$kind $(PY) -c '$(WHY_AMP)')"; \
+	  SEGCORE_CPU_FEATURES=$$kind $(PY) -m pytest -q -m precision $(PYTEST_ARGS) || exit 1; \
+	done
 
 # the load tests too slow for every run (docs/RELIABILITY.md, item 6): a burst of 20 arrival
 # events through the on-arrival deployment across a worker restart (~5 min on 2 cores)

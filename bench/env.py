@@ -66,14 +66,19 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_amp(amp: str, device: str) -> str:
-    """The precision bare and MONAI run for ``--amp``: 'auto' = bf16 on CUDA and on CPUs with
-    AMX (amx_bf16), fp32 ('none') elsewhere (bf16 autocast is slower than fp32 on AVX2-only
-    CPUs). segment is passed ``--amp`` unchanged and its report says what it chose."""
+    """The precision bare and MONAI run for ``--amp``: 'auto' = what segment's own choice
+    picks (segcore.inference.choose_precision: bf16 on CUDA and on CPUs with AMX or
+    AVX-512-BF16, honouring SEGCORE_CPU_FEATURES; fp32 elsewhere, where bf16 autocast is
+    emulated and slower). segment is passed ``--amp`` unchanged and its report says what it
+    chose, so all three contenders run at one precision."""
     if amp != "auto":
         return amp
-    if device.startswith("cuda"):
-        return "bf16"
-    return "bf16" if "amx_bf16" in cpu_info()[1] else "none"
+    import torch
+
+    from segcore.inference import choose_precision
+
+    return choose_precision(torch.device("cuda" if device.startswith("cuda") else "cpu"),
+                            "auto").amp
 
 
 def environment(threads: int | None = None, device: str = "cpu") -> dict:
@@ -94,6 +99,7 @@ def environment(threads: int | None = None, device: str = "cpu") -> dict:
         "python": platform.python_version(),
         "cpu_model": model,
         "cpu_flags": flags,
+        "cpu_features_override": os.environ.get("SEGCORE_CPU_FEATURES") or None,
         "cpu_count": os.cpu_count(),
         "affinity": affinity(),
         "torch": torch.__version__,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -88,8 +88,43 @@ def normalize(raw: np.ndarray, contract: InputContract,
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+CPU_FEATURES_ENV = "SEGCORE_CPU_FEATURES"
+# what SEGCORE_CPU_FEATURES may claim: the three kinds of CPU this project meets, each as the
+# flags that matter to the precision choice (a superset of the previous kind)
+CPU_KINDS: dict[str, frozenset[str]] = {
+    "avx2": frozenset({"avx2", "fma"}),
+    "avx512_bf16": frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}),
+    "amx": frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}),
+}
+FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_features_override() -> str | None:
+    """The CPU kind ``SEGCORE_CPU_FEATURES`` names (avx2, avx512_bf16 or amx), or None when it
+    is unset. It makes every run decide as that kind of CPU would (the suite runs under each in
+    CI); it changes only the choice, so a claimed kind this CPU lacks is still correct, only
+    slower (bf16 emulated). Anything else is refused, naming the variable."""
+    raw = os.environ.get(CPU_FEATURES_ENV, "").strip().lower()
+    if not raw:
+        return None
+    kind = {"amx_bf16": "amx", "avx512bf16": "avx512_bf16"}.get(raw, raw)
+    if kind not in CPU_KINDS:
+        raise ConfigError(f"{CPU_FEATURES_ENV}={raw!r} must be one of {', '.join(CPU_KINDS)} "
+                          "(or unset, to detect this CPU's own flags)")
+    return kind
+
+
 def cpu_flags() -> set[str]:
-    """The CPU feature flags this process can see (Linux /proc/cpuinfo; empty elsewhere)."""
+    """The CPU feature flags this process can see (Linux /proc/cpuinfo; empty elsewhere), or
+    those of the kind ``SEGCORE_CPU_FEATURES`` names."""
+    kind = cpu_features_override()
+    if kind is not None:
+        return set(CPU_KINDS[kind])
+    return detected_cpu_flags()
+
+
+def detected_cpu_flags() -> set[str]:
+    """This CPU's own flags, whatever ``SEGCORE_CPU_FEATURES`` says."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -98,9 +133,6 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
-
-
-FAST_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @dataclass(frozen=True)
@@ -130,12 +162,15 @@ def choose_precision(dev: torch.device, amp: str = "auto",
         return Precision(amp, cl, f"--amp {amp} asked for")
     if dev.type == "cuda":
         return Precision("bf16", cl, f"CUDA device {torch.cuda.get_device_name(dev)}: bf16")
+    kind = cpu_features_override()
     flags = cpu_flags()
     fast = [f for f in FAST_BF16_FLAGS if f in flags]
     cap = torch.backends.cpu.get_cpu_capability()
+    told = f", as {CPU_FEATURES_ENV}={kind} says" if kind else ""
     if fast:
-        return Precision("bf16", cl, f"CPU has {'/'.join(fast)} (torch capability {cap}): bf16")
-    return Precision("none", cl, f"CPU has no AMX/AVX-512-BF16 (torch capability {cap}): "
+        return Precision("bf16", cl, f"CPU has {'/'.join(fast)} (torch capability {cap}"
+                                     f"{told}): bf16")
+    return Precision("none", cl, f"CPU has no AMX/AVX-512-BF16 (torch capability {cap}{told}): "
                                  "fp32, where bf16 would be emulated and slower")
 
 
@@ -149,7 +184,13 @@ class Predictor:
     ``predict_raw`` takes raw pixels (B, h, w, c) in the scene's dtype and normalises them on
     the device (on CUDA the uint8 batch is what crosses the bus, from pinned memory, without
     blocking); ``__call__`` takes already normalised float32 (B, C, h, w). Both give
-    (B, K, h, w) float32 probabilities and the same numbers for the same pixels."""
+    (B, K, h, w) float32 probabilities and the same numbers for the same pixels.
+
+    One batch at a time is on the device: the lanes of a process (threads running shard
+    tasks side by side) share one predictor, and its lock queues their forwards, so the
+    memory ``--tile auto`` budgets for is one forward's, and a CPU's cores go to one
+    forward's intra-op threads instead of several forwards fighting over them, while the
+    lanes' host work (decode, encode, digest, write) runs in parallel."""
 
     model: torch.nn.Module
     checkpoint: Checkpoint
@@ -159,6 +200,7 @@ class Predictor:
     compiled: bool = False
     reason: str = ""
     _norm: tuple | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def contract(self) -> InputContract:
@@ -192,7 +234,8 @@ class Predictor:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """(B, C, h, w) float32 -> (B, K, h, w) float32 probabilities; K = out channels
         (sigmoid for one logit, softmax otherwise)."""
-        return self._forward(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+        with self._lock:
+            return self._forward(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
 
     def _norm_tensors(self, c: int) -> tuple[torch.Tensor, ...]:
         if self._norm is None or self._norm[0].shape[1] != c:
@@ -257,7 +300,7 @@ class Predictor:
             outs = [self.predict_quantized(raw[s], prob_dtype, nodata) for s in parts]
             return (np.concatenate([q for q, _ in outs]),
                     np.concatenate([lab for _, lab in outs]))
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
             x, bad = self._input(raw, nodata)
             p = self._probs(x)
             labels = (p[:, 0] >= 0.5) if p.shape[1] == 1 else p.argmax(1)
@@ -278,8 +321,8 @@ class Predictor:
         parts = self._cpu_slices(raw)
         if parts is not None:
             return np.concatenate([self.predict_raw(raw[s], nodata) for s in parts])
-        x, bad = self._input(raw, nodata)
-        with torch.inference_mode():
+        with self._lock, torch.inference_mode():
+            x, bad = self._input(raw, nodata)
             p = self._probs(x)
             if bad is not None:
                 p = p.masked_fill_(bad[:, None], 0.0)
@@ -327,3 +370,4 @@ def check_channels(pred: Predictor, channels: int, src: str) -> None:
             f"{src}: has {channels} channel(s) but the model expects {want}; pick a scene with "
             f"{want} band(s) or a model trained on {channels}"
         )
+

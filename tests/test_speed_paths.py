@@ -32,6 +32,7 @@ def _ckpt(tmp_path, arch="unet", kwargs=None, model=None, name="m.safetensors"):
 
 
 # --- precision ------------------------------------------------------------------------------
+@pytest.mark.precision
 @pytest.mark.parametrize(("flags", "amp"), [({"avx2"}, "none"), ({"avx2", "amx_bf16"}, "bf16"),
                                             ({"avx512f", "avx512_bf16"}, "bf16")])
 def test_amp_auto_follows_the_cpu_flags(monkeypatch, flags, amp):
@@ -54,6 +55,7 @@ def test_explicit_precision_and_refusals():
         choose_precision(torch.device("cpu"), "fp8")
 
 
+@pytest.mark.precision
 def test_this_machine_gets_what_its_flags_say():
     from segcore.inference import FAST_BF16_FLAGS, choose_precision, cpu_flags
 
@@ -217,18 +219,25 @@ def test_task_pyramid_thumbnail_report(tmp_path):
     assert plan(cfg.model_copy(update={"pyramid": False})).thumb_stride == 0
 
 
+@pytest.mark.precision
 def test_tile_auto_fits_the_budget_and_small_cores_warn(tmp_path, monkeypatch):
+    from segcore.inference import choose_precision
     from segcore.memory import activation_bytes_per_pixel
     from segcore.pipeline import SegmentConfig, plan
 
     _, src = _scene(tmp_path, 900, 900)
-    uri = _ckpt(tmp_path, kwargs={"depth": 3, "width": 8})
-    bpp = activation_bytes_per_pixel(ModelSpec(arch="unet", kwargs={"depth": 3, "width": 8}))
-    assert 100 < bpp < 2000
-    monkeypatch.setenv("SEGCORE_MEMORY_BUDGET", str(int(bpp * 1.5 * 400 * 400)))
-    p = plan(SegmentConfig(src=src, out=str(tmp_path / "o"), model=uri, tile="auto",
-                           skip_background=False))
-    assert p.grid.tile == 400 and p.batch == 1 and "--tile auto: 400 px" in p.warnings[0]
+    spec = ModelSpec(arch="unet", kwargs={"depth": 3, "width": 8})
+    uri = _ckpt(tmp_path, kwargs=spec.kwargs)
+    # the budget is computed for the precision the plan will run at: fp32 when pinned, and
+    # what --amp auto picks on this CPU (bf16 halves the activations where bf16 is fast)
+    for amp in ("none", "auto"):
+        resolved = choose_precision(torch.device("cpu"), amp).amp
+        bpp = activation_bytes_per_pixel(spec, resolved)
+        assert 100 < bpp < 2000
+        monkeypatch.setenv("SEGCORE_MEMORY_BUDGET", str(int(bpp * 1.5 * 400 * 400)))
+        p = plan(SegmentConfig(src=src, out=str(tmp_path / "o"), model=uri, tile="auto",
+                               amp=amp, skip_background=False))
+        assert p.grid.tile == 400 and p.batch == 1 and "--tile auto: 400 px" in p.warnings[0]
     monkeypatch.setenv("SEGCORE_MEMORY_BUDGET", "64G")
     p = plan(SegmentConfig(src=src, out=str(tmp_path / "o"), model=uri, tile="auto",
                            skip_background=False))
@@ -239,6 +248,46 @@ def test_tile_auto_fits_the_budget_and_small_cores_warn(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="SEGCORE_MEMORY_BUDGET"):
         monkeypatch.setenv("SEGCORE_MEMORY_BUDGET", "lots")
         plan(SegmentConfig(src=src, out=str(tmp_path / "o"), model=uri, tile="auto"))
+
+
+@pytest.mark.precision
+@pytest.mark.parametrize(("kind", "amp"), [("avx2", "none"), ("avx512_bf16", "bf16"),
+                                           ("amx", "bf16")])
+def test_the_cpu_features_override_decides_as_that_cpu_would(tmp_path, monkeypatch, kind, amp):
+    """SEGCORE_CPU_FEATURES makes --amp auto and --tile auto decide as that kind of CPU would,
+    whatever this one has: with the budget of a 400 px fp32 window, a bf16 CPU gets a larger
+    window (its activations are half the bytes). Fails if the override is ignored on any CPU:
+    an AVX2-only one would pick 400 px for amx, an AMX one 560 px for avx2."""
+    from segcore.inference import choose_precision
+    from segcore.memory import activation_bytes_per_pixel
+    from segcore.pipeline import SegmentConfig, plan
+
+    monkeypatch.setenv("SEGCORE_CPU_FEATURES", kind)
+    p = choose_precision(torch.device("cpu"), "auto")
+    assert p.amp == amp and f"SEGCORE_CPU_FEATURES={kind}" in p.reason
+    _, src = _scene(tmp_path, 900, 900)
+    spec = ModelSpec(arch="unet", kwargs={"depth": 3, "width": 8})
+    uri = _ckpt(tmp_path, kwargs=spec.kwargs)
+    fp32 = activation_bytes_per_pixel(spec, "none")
+    monkeypatch.setenv("SEGCORE_MEMORY_BUDGET", str(int(fp32 * 1.5 * 400 * 400)))
+    tile = plan(SegmentConfig(src=src, out=str(tmp_path / "o"), model=uri, tile="auto",
+                              skip_background=False)).grid.tile
+    ratio = fp32 / activation_bytes_per_pixel(spec, amp)
+    assert ratio == 1.0 if amp == "none" else ratio > 1.5
+    assert tile == (400 if amp == "none" else int(400 * ratio ** 0.5) // 8 * 8), tile
+    assert (tile > 400) == (amp == "bf16")
+
+
+def test_a_cpu_features_override_that_names_no_kind_is_refused(monkeypatch):
+    from segcore.inference import choose_precision, cpu_flags, detected_cpu_flags
+
+    monkeypatch.setenv("SEGCORE_CPU_FEATURES", "avx9000")
+    with pytest.raises(ConfigError, match="SEGCORE_CPU_FEATURES='avx9000' must be one of avx2"):
+        choose_precision(torch.device("cpu"), "auto")
+    monkeypatch.setenv("SEGCORE_CPU_FEATURES", "AMX_BF16")  # the flag's own name, any case
+    assert "amx_bf16" in cpu_flags()
+    monkeypatch.setenv("SEGCORE_CPU_FEATURES", "")
+    assert cpu_flags() == detected_cpu_flags()
 
 
 def test_result_is_ome_zarr_that_ome_zarr_py_reads(tmp_path):
