@@ -30,14 +30,25 @@ def _progress(total: int, enabled: bool, desc: str):
     return tqdm(total=total, desc=desc, unit="tile", dynamic_ncols=True)
 
 
-def _outcomes(fn, specs: list, client, resources) -> Iterable[tuple[object, object, BaseException | None]]:
-    """(spec, result, error) as each task ends: in order locally, as completed on Dask."""
-    if client is None:
+def _outcomes(fn, specs: list, client, resources, lanes: int = 1
+              ) -> Iterable[tuple[object, object, BaseException | None]]:
+    """(spec, result, error) as each task ends: locally in order (``lanes`` 1) or as completed
+    on ``lanes`` threads of this process, and as completed on Dask."""
+    if client is None and lanes <= 1:
         for s in specs:
             try:
                 yield s, fn(s), None
             except Exception as e:  # noqa: BLE001 - handed to the caller, re-raised there
                 yield s, None, e
+        return
+    if client is None:
+        from concurrent.futures import ThreadPoolExecutor, as_completed
+
+        with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="segcore-lane") as pool:
+            local = {pool.submit(fn, s): s for s in specs}
+            for fut in as_completed(local):
+                err = fut.exception()
+                yield local[fut], None if err else fut.result(), err
         return
     from distributed import as_completed
 
@@ -50,15 +61,16 @@ def _outcomes(fn, specs: list, client, resources) -> Iterable[tuple[object, obje
 
 
 def run_tasks(fn: Callable, specs: list, client, resources: dict | None, progress: bool,
-              desc: str, count: Callable[[object], int]) -> list:
-    """Run ``fn(spec)`` for every spec (each returns a list of dicts); the bar shows tiles
-    done/total, Mpx/s (from the results' ``pixels``) and the ETA."""
+              desc: str, count: Callable[[object], int], lanes: int = 1) -> list:
+    """Run ``fn(spec)`` for every spec (each returns a list of dicts); without a client on
+    ``lanes`` threads of this process. The bar shows tiles done/total, Mpx/s (from the
+    results' ``pixels``) and the ETA."""
     results: list = []
     first_error: BaseException | None = None
     bar = _progress(sum(count(s) for s in specs), progress, desc)
     t0, px = time.perf_counter(), 0
     try:
-        for spec, res, err in _outcomes(fn, specs, client, resources):
+        for spec, res, err in _outcomes(fn, specs, client, resources, lanes):
             if err is not None:
                 first_error = first_error or err
                 continue

@@ -190,7 +190,7 @@ class Predictor:
     tasks side by side) share one predictor, and its lock queues their forwards, so the
     memory ``--tile auto`` budgets for is one forward's, and a CPU's cores go to one
     forward's intra-op threads instead of several forwards fighting over them, while the
-    lanes' host work (decode, encode, digest, write) runs in parallel."""
+    lanes' other work (decode, normalise, quantise, encode, digest, write) runs in parallel."""
 
     model: torch.nn.Module
     checkpoint: Checkpoint
@@ -223,8 +223,8 @@ class Predictor:
         else:
             x = x.contiguous()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype,
-                                                    enabled=dtype is not None):
+        with self._lock, torch.inference_mode(), torch.autocast(
+                self.device.type, dtype=dtype, enabled=dtype is not None):
             logits = self.model(x).float()
             return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, 1)
 
@@ -234,8 +234,7 @@ class Predictor:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """(B, C, h, w) float32 -> (B, K, h, w) float32 probabilities; K = out channels
         (sigmoid for one logit, softmax otherwise)."""
-        with self._lock:
-            return self._forward(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+        return self._forward(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
 
     def _norm_tensors(self, c: int) -> tuple[torch.Tensor, ...]:
         if self._norm is None or self._norm[0].shape[1] != c:
@@ -300,7 +299,7 @@ class Predictor:
             outs = [self.predict_quantized(raw[s], prob_dtype, nodata) for s in parts]
             return (np.concatenate([q for q, _ in outs]),
                     np.concatenate([lab for _, lab in outs]))
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             x, bad = self._input(raw, nodata)
             p = self._probs(x)
             labels = (p[:, 0] >= 0.5) if p.shape[1] == 1 else p.argmax(1)
@@ -321,7 +320,7 @@ class Predictor:
         parts = self._cpu_slices(raw)
         if parts is not None:
             return np.concatenate([self.predict_raw(raw[s], nodata) for s in parts])
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             x, bad = self._input(raw, nodata)
             p = self._probs(x)
             if bad is not None:

@@ -36,6 +36,7 @@ from segcore.tiling import TileGrid, plan_tiles, round_up
 RESULT = "result.zarr"
 PREVIEW_SIDE = 1024
 MIN_LEVEL_SHARD = 128  # a pyramid level is written by the shard tasks while its shards are >= this
+MAX_LANES = 4  # in-process shard tasks side by side (each holds a few windows in flight)
 
 
 def task_levels(core: int, n_levels: int) -> int:
@@ -74,6 +75,10 @@ class SegmentConfig(Frozen):
     foreground: Literal["auto", "tissue", "nonzero", "all"] = "auto"
     prob_dtype: Literal["uint8", "float16"] = "uint8"
     shards_per_task: int = Field(4, ge=1, le=1024)
+    lanes: int | Literal["auto"] = Field(
+        "auto", description="without Dask: shard tasks this process runs side by side on "
+        "threads, sharing one model (its forwards queue on the device); 'auto' = the cores "
+        "this process may use, at most 4")
     pyramid: bool = True
     compile: bool = Field(False, description="torch.compile the model (first call per window "
                           "shape compiles: pays off on large scenes only)")
@@ -112,6 +117,13 @@ class SegmentConfig(Frozen):
     def _tile(cls, v):
         if isinstance(v, int) and not 16 <= v <= 16384:
             raise ValueError(f"tile {v} must be between 16 and 16384 pixels, or 'auto'")
+        return v
+
+    @field_validator("lanes")
+    @classmethod
+    def _lanes(cls, v):
+        if isinstance(v, int) and not 1 <= v <= 64:
+            raise ValueError(f"lanes {v} must be between 1 and 64, or 'auto'")
         return v
 
     @field_validator("halo")
@@ -410,12 +422,14 @@ def prepare(p: ScenePlan) -> str:
     return "new"
 
 
-def _task_specs(p: ScenePlan):
+def _task_specs(p: ScenePlan, lanes: int = 1):
+    """The shard tasks, ``shards_per_task`` tiles each, fewer where that would leave some of
+    ``lanes`` without a task (which tiles go together changes nothing in the result)."""
     from segcore.shards import TaskSpec
 
     cfg = p.cfg
-    n = cfg.shards_per_task
     tiles = p.grid.tiles
+    n = max(1, min(cfg.shards_per_task, -(-len(tiles) // lanes)))
     out = join(cfg.out, RESULT)
     by_rc = {(t.row, t.col): t for t in tiles}
     for i in range(0, len(tiles), n):
@@ -435,9 +449,20 @@ def run_shards(p: ScenePlan, client=None, resources: dict | None = None,
                progress: bool = True) -> list[dict]:
     from segcore.shards import run_task
 
-    specs = list(_task_specs(p))
+    lanes = local_lanes(p.cfg.lanes, len(p.grid.tiles)) if client is None else 1
+    specs = list(_task_specs(p, lanes))
     return run_tasks(run_task, specs, client, resources, progress, "segment",
-                   lambda s: len(s.tiles))
+                     lambda s: len(s.tiles), lanes=lanes)
+
+
+def local_lanes(lanes: int | str, tasks: int) -> int:
+    """Shard tasks one process runs side by side without Dask: 'auto' = the cores in this
+    process's affinity, at most MAX_LANES; never more than there are tasks."""
+    if lanes == "auto":
+        from segcore.shards import available_cores
+
+        lanes = min(MAX_LANES, available_cores())
+    return max(1, min(int(lanes), tasks))
 
 
 def _downsample_task(args) -> list:

@@ -81,8 +81,13 @@ def io_threads() -> int:
     env = os.environ.get("SEGCORE_IO_THREADS")
     if env:
         return max(1, int(env))
+    return max(1, min(4, available_cores() // 4))
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(4, (cores or 1) // 4))
+    return max(1, cores or 1)
 
 
 @dataclass(frozen=True)
@@ -311,7 +316,7 @@ def _cropped_cores(spec: TaskSpec, todo, pred, read, nodata: float | None = None
     core probabilities, raw window, (read s, compute s))."""
     batches: list[list[tuple[int, Tile]]] = []
     for idx, tile in sorted(todo, key=lambda it: it[1].window_shape):
-        if batches and len(batches[-1]) < spec.batch and \
+        if batches and len(batches[-1]) < _batch_for(spec.batch, pred, tile) and \
                 batches[-1][0][1].window_shape == tile.window_shape:
             batches[-1].append((idx, tile))
         else:
@@ -339,6 +344,20 @@ def _cropped_cores(spec: TaskSpec, todo, pred, read, nodata: float | None = None
             for (idx, tile), p, lab, w in zip(group, probs, labels, windows, strict=True):
                 ys, xs = tile.crop
                 yield idx, tile, (p[:, ys, xs], lab[ys, xs]), w, (read_s / len(group), compute_s)
+
+
+def _batch_for(batch: int, pred, tile: Tile) -> int:
+    """Windows read together for one predict call: ``batch`` on a GPU; on the CPU no more
+    than one forward takes (CPU_FORWARD_PIXELS; the predictor would split a larger batch
+    anyway), so the first forward of a task starts after one window is read, not four (on
+    two cores a task's start left the simulated 20 Mpx/s device idle 0.5 s). The windows
+    each forward sees are the same either way."""
+    from segcore.inference import CPU_FORWARD_PIXELS
+
+    if getattr(pred, "device", None) is None or pred.device.type != "cpu":
+        return batch
+    h, w = tile.window_shape
+    return max(1, min(batch, CPU_FORWARD_PIXELS // max(1, h * w)))
 
 
 def _blended_cores(spec: TaskSpec, todo, pred, read, nodata: float | None = None):

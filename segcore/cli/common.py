@@ -50,8 +50,9 @@ def add_grow_args(p: argparse.ArgumentParser) -> None:
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=None,
-                   help="local Dask worker processes (default: sized to the machine; "
-                        "0 = run in this process without Dask)")
+                   help="local Dask worker processes; 0 = run in this process without Dask "
+                        "(default: segment runs in this process on --lanes, the other verbs "
+                        "start workers sized to the machine)")
     g.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
     g.add_argument("--gpus", type=int, default=None,
                    help="one worker per GPU (pinned with CUDA_VISIBLE_DEVICES); needs CUDA")
@@ -59,11 +60,14 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def client_from_args(args: argparse.Namespace) -> Iterator[Any]:
-    """Yield (client or None, inference resources or None)."""
+def client_from_args(args: argparse.Namespace, in_process_default: bool = False
+                     ) -> Iterator[Any]:
+    """Yield (client or None, inference resources or None). ``in_process_default``: without
+    --workers, --scheduler or --gpus, run in this process (None) rather than a local cluster."""
     from segcore.cluster import ClusterConfig, open_client
 
-    if args.workers == 0 and not args.scheduler:
+    local = args.workers == 0 or (in_process_default and args.workers is None and not args.gpus)
+    if local and not args.scheduler:
         yield None, None
         return
     if args.scheduler:

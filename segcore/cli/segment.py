@@ -44,6 +44,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="run the model on every tile, foreground or not")
     p.add_argument("--prob-dtype", default="uint8", choices=["uint8", "float16"])
     p.add_argument("--shards-per-task", type=int, default=4)
+    p.add_argument("--lanes", default="auto",
+                   help="without Dask: shard tasks run side by side on threads of this "
+                        "process, sharing the model (default auto: the cores it may use, at "
+                        "most 4)")
     p.add_argument("--objects", action="store_true",
                    help="also find objects (instances with global ids across shards) and write "
                         "objects.parquet/.csv; counts go into the report")
@@ -73,10 +77,13 @@ def run(args: argparse.Namespace) -> int:
                     batch=args.batch, device=args.device, amp=args.amp,
                     foreground=args.foreground, skip_background=not args.no_skip_background,
                     blend=args.blend, prob_dtype=args.prob_dtype, shards_per_task=args.shards_per_task,
+                    lanes=args.lanes if args.lanes == "auto" else _int(args.lanes, "--lanes"),
                     objects=args.objects, connectivity=args.connectivity, grow=args.grow,
                     grow_threshold=args.grow_threshold, seams=args.seams,
                     exports=tuple(args.export))
-    with client_from_args(args) as (client, resources):
+    # one host and no --workers: in this process, on lanes (faster than local Dask workers,
+    # which pay a cluster's start and a model per process; docs/BENCHMARKS.md)
+    with client_from_args(args, in_process_default=True) as (client, resources):
         report = segment(cfg, client=client, resources=resources, progress=not args.quiet)
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -94,4 +101,4 @@ def _int(v: str, flag: str) -> int:
     try:
         return int(v)
     except ValueError:
-        raise ConfigError(f"{flag} {v!r} must be a whole number of pixels or 'auto'") from None
+        raise ConfigError(f"{flag} {v!r} must be a whole number or 'auto'") from None
