@@ -57,7 +57,11 @@ def parser() -> argparse.ArgumentParser:
     _common(i)
     i.add_argument("--kinds", default=",".join(fixtures.SCENE_KINDS),
                    help="scene kinds: tiff (zlib), svs (JPEG tiles), zarr")
-    i.add_argument("--workers", default="0", help="comma list of segment --workers values")
+    i.add_argument("--workers", default="0",
+                   help="comma list of segment --workers values ('default': no --workers)")
+    i.add_argument("--model", default="pointwise",
+                   choices=["pointwise", *[m for m in fixtures.MODELS if m.startswith("sim-")]],
+                   help="pointwise (zero cost) or a simulated accelerator of 20/60/200 Mpx/s")
     p = sub.add_parser("profile", help="segcore segment under pyinstrument (text profile)")
     _common(p)
     p.add_argument("--model", default=None, choices=list(fixtures.MODELS))

@@ -20,6 +20,11 @@ MODELS: dict[str, tuple[str, dict]] = {
     "unet-w64": ("unet", {"depth": 4, "width": 64}),
     "u2netp": ("u2netp", {}),
     "pointwise": ("pointwise", {}),
+    # simulated accelerators: the zero-cost model holding one host-wide "device" for the time
+    # a device of 20, 60 or 200 Mpx/s takes (segcore/models/registry.py, Pointwise)
+    "sim-20": ("pointwise", {"simulate_mpx_per_s": 20.0}),
+    "sim-60": ("pointwise", {"simulate_mpx_per_s": 60.0}),
+    "sim-200": ("pointwise", {"simulate_mpx_per_s": 200.0}),
 }
 SCENE_KINDS = ("tiff", "svs", "zarr")
 _SUFFIX = {"tiff": ".tif", "svs": ".svs.tif", "zarr": ".zarr"}

@@ -25,6 +25,10 @@ METRICS = ("seconds", "mpx_per_s", "wall", "wall_mpx_per_s", "peak_rss_mb", "tre
            "decode_mpx_per_s", "normalize_mpx_per_s", "write_mpx_per_s")
 
 
+def _name(workers: int | None) -> str:
+    return "segment-default" if workers is None else f"segment-w{workers}"
+
+
 def run(args) -> dict:
     device = envmod.resolve_device(args.device)
     threads = args.threads or envmod.affinity()
@@ -32,14 +36,15 @@ def run(args) -> dict:
     print(f"# {envmod.describe(env)}", flush=True)
     workdir = Path(args.workdir)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
+    workers = [None if w.strip() == "default" else int(w)
+               for w in str(args.workers).split(",") if w.strip()]
     tile = args.tile[0]
     tag = args.tag or report.tag_for("quick" if args.quick else None, args.size, f"t{tile}",
-                                     device)
+                                     device, *([args.model] if args.model != "pointwise" else []))
     rundir = workdir / "runs" / f"io-{tag}"
     shutil.rmtree(rundir, ignore_errors=True)
     (rundir / "tmp").mkdir(parents=True)
-    ckpt = fixtures.ensure_model(workdir, "pointwise")
+    ckpt = fixtures.ensure_model(workdir, args.model)
     scenes = {k: fixtures.ensure_scene(workdir, k, args.size) for k in kinds}
     px = args.size * args.size
     print(f"# zero-cost model {ckpt}; scenes {', '.join(str(s) for s in scenes.values())}; "
@@ -48,18 +53,18 @@ def run(args) -> dict:
     rows: dict[tuple[str, str], dict] = {}
     for k in kinds:
         for w in workers:
-            rows[(k, f"segment-w{w}")] = {"scene_kind": k, "contender": f"segment-w{w}",
-                                          "tile": tile, "runs": [], "notes": ""}
+            rows[(k, _name(w))] = {"scene_kind": k, "contender": _name(w),
+                                   "tile": tile, "runs": [], "notes": ""}
         rows[(k, "floors")] = {"scene_kind": k, "contender": "floors", "tile": tile,
                                "runs": [], "notes": "decode + normalise + write, one process"}
     seg_dev = device if device.startswith("cuda") else "cpu"
     for rep in range(args.repeats):
         for k in kinds:
             for w in workers:
-                row = rows[(k, f"segment-w{w}")]
-                cenv = procs.child_env(threads, max(1, threads // w) if w else threads)
-                out = rundir / f"out-{k}-w{w}"
-                log = rundir / "logs" / f"segment-{k}-w{w}-rep{rep}.log"
+                row = rows[(k, _name(w))]
+                cenv = procs.child_env(threads, max(1, threads // w) if w else None)
+                out = rundir / f"out-{k}-{_name(w)}"
+                log = rundir / "logs" / f"{k}-{_name(w)}-rep{rep}.log"
                 r = procs.run_segment(scenes[k], out, ckpt, tile, "none", w, seg_dev, log, cenv)
                 r["mpx_per_s"] = px / 1e6 / r["seconds"] if r["seconds"] > 0 else None
                 r["wall_mpx_per_s"] = px / 1e6 / r["wall"]
@@ -68,7 +73,7 @@ def run(args) -> dict:
                 row["runs"].append(r)
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
-                print(f"# rep {rep + 1}/{args.repeats} {k} segment-w{w}: "
+                print(f"# rep {rep + 1}/{args.repeats} {k} {_name(w)}: "
                       f"{r['mpx_per_s']:.3g} Mpx/s (report), wall {r['wall']:.3g} s", flush=True)
             log = rundir / "logs" / f"floors-{k}-rep{rep}.log"
             r = procs.run_worker("floors", ["--scene", str(scenes[k]), "--tile", str(tile),

@@ -113,15 +113,17 @@ def run_worker(kind: str, args: list[str], log: Path, env: dict[str, str]) -> di
     return {**res, **r, "command": " ".join(cmd)}
 
 
-def segment_command(scene: Path, out: Path, model: Path, tile: int, amp: str, workers: int,
-                    device: str) -> list[str]:
+def segment_command(scene: Path, out: Path, model: Path, tile: int, amp: str,
+                    workers: int | None, device: str) -> list[str]:
+    """``workers`` None: no --workers at all, the CLI's default."""
     return [sys.executable, "-m", "segcore", "segment", str(scene), str(out),
             "--model", str(model), "--tile", str(tile), "--halo", "auto",
-            "--no-skip-background", "--amp", amp, "--workers", str(workers), "--quiet",
+            "--no-skip-background", "--amp", amp,
+            *([] if workers is None else ["--workers", str(workers)]), "--quiet",
             "--device", device]
 
 
-def run_segment(scene: Path, out: Path, model: Path, tile: int, amp: str, workers: int,
+def run_segment(scene: Path, out: Path, model: Path, tile: int, amp: str, workers: int | None,
                 device: str, log: Path, env: dict[str, str], keep: bool = False) -> dict:
     """One ``segcore segment`` run from scratch (a previous OUT is deleted first, or the run
     would resume); wall clock and RSS of the process plus the report's own figures."""

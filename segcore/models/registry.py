@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
+import threading
+import time
 from collections.abc import Callable
 
 from torch import nn
@@ -33,20 +36,50 @@ def _unet(in_channels: int, out_channels: int, depth: int = 4, width: int = 64,
 class Pointwise(nn.Module):
     """A per-pixel linear classifier (one 1x1 convolution): receptive field 0, input multiple
     1, and a forward pass that costs next to nothing. Used to measure the pipeline's own work
-    (read, decode, normalise, crop, write, digest, pyramid, preview) without the model."""
+    (read, decode, normalise, crop, write, digest, pyramid, preview) without the model.
+
+    ``simulate_mpx_per_s`` > 0 makes it a simulated accelerator for the benchmarks: each
+    forward also waits (GIL released, as a GPU's synchronise does) the time a device of that
+    speed would take for the batch's pixels, one forward at a time on this host (a thread lock
+    and an flock on one file: every thread and process of the host shares the one "device"),
+    so the feed rate a pipeline reaches for a GPU of any speed is measured on a CPU machine."""
 
     input_multiple = 1
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, simulate_mpx_per_s: float = 0.0):
         super().__init__()
+        if simulate_mpx_per_s < 0:
+            raise ConfigError(f"simulate_mpx_per_s={simulate_mpx_per_s} must be >= 0")
         self.head = nn.Conv2d(in_channels, out_channels, 1)
+        self.simulate_mpx_per_s = float(simulate_mpx_per_s)
 
     def forward(self, x):
+        if self.simulate_mpx_per_s > 0 and x.device.type != "meta":
+            _simulated_device_wait(x.shape[0] * x.shape[-2] * x.shape[-1] / 1e6
+                                   / self.simulate_mpx_per_s)
         return self.head(x)
 
 
-def _pointwise(in_channels: int, out_channels: int) -> nn.Module:
-    return Pointwise(in_channels, out_channels)
+_SIM_LOCK = threading.Lock()
+
+
+def _simulated_device_wait(seconds: float) -> None:
+    """Hold the host's one simulated device for ``seconds`` (threads and processes queue)."""
+    import fcntl
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), f"segcore-simulated-device-{os.getuid()}.lock")
+    with _SIM_LOCK, open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            time.sleep(seconds)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _pointwise(in_channels: int, out_channels: int,
+               simulate_mpx_per_s: float = 0.0) -> nn.Module:
+    return Pointwise(in_channels, out_channels, simulate_mpx_per_s)
 
 
 def _u2(table, recurrent: bool):
@@ -73,7 +106,8 @@ DESCRIPTIONS: dict[str, str] = {
     "u2netp": "U2-NetP small (Qin 2020)",
     "u2net-rec": "U2-Net with recurrent conv layers (R2U-Net style, t=2) inside each RSU",
     "u2netp-rec": "U2-NetP with recurrent conv layers (R2U-Net style, t=2) inside each RSU",
-    "pointwise": "a per-pixel linear classifier (1x1 conv): the zero-cost model for I/O benchmarks",
+    "pointwise": "a per-pixel linear classifier (1x1 conv): the zero-cost model for I/O "
+                 "benchmarks; simulate_mpx_per_s=R makes it a simulated R Mpx/s accelerator",
 }
 
 
