@@ -493,6 +493,17 @@ def build_pyramid(p: ScenePlan, client=None, progress: bool = False) -> int:
     return p.n_levels
 
 
+def _planned_precision(cfg: SegmentConfig) -> dict:
+    """The precision the tasks would have run at, for a report where no task ran the model
+    (every shard resumed or background): resolved as the tasks resolve it."""
+    from segcore.inference import choose_device, choose_precision
+
+    dev = choose_device(cfg.device)
+    prec = choose_precision(dev, cfg.amp)
+    return {"amp": prec.amp, "channels_last": prec.channels_last, "compile": cfg.compile,
+            "device": str(dev), "reason": f"{prec.reason} (no shard ran the model in this run)"}
+
+
 def _sum(results: list[dict], key: str) -> float:
     return round(sum(r.get(key, 0.0) for r in results), 3)
 
@@ -532,7 +543,8 @@ def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None,
                    write=_sum(results, "write_s"))
     seconds += t2 - t0
     status = [r["status"] for r in results]
-    precision = next((r["precision"] for r in results if "precision" in r), {})
+    precision = next((r["precision"] for r in results if "precision" in r), None) or \
+        _planned_precision(cfg)
     px = p.info.height * p.info.width
     report = Report(
         src=cfg.src, out=cfg.out, model=cfg.model, model_sha256=p.model_sha256,

@@ -131,3 +131,21 @@ def test_the_cli_default_runs_in_process_on_lanes(tmp_path, monkeypatch):
     assert main(["segment", src, str(tmp_path / "p"), "--model", model, "--lanes", "many",
                  "--quiet"]) != 0
     assert not (tmp_path / "p" / "plan.json").exists()
+
+
+def test_precision_is_recorded_when_every_shard_resumes(tmp_path):
+    """A run whose every shard verifies (it died after the shards, before the report) still
+    reports the precision, resolved as the tasks resolve it."""
+    from segcore.pipeline import SegmentConfig, segment
+
+    src = _scene(tmp_path, 300, 300)
+    cfg = SegmentConfig(src=src, out=str(tmp_path / "o"), model=_ckpt(tmp_path, kwargs={
+        "depth": 2, "width": 4}), tile=128, amp="none", skip_background=False)
+    first = segment(cfg, progress=False)
+    assert first.precision["amp"] == "none" and first.tiles_run == first.tiles_total
+    (tmp_path / "o" / "COMPLETE").unlink()
+    (tmp_path / "o" / "report.json").unlink()
+    again = segment(cfg, progress=False)
+    assert again.tiles_resumed == again.tiles_total and again.tiles_run == 0
+    assert again.precision["amp"] == "none" and again.precision["device"] == "cpu"
+    assert "no shard ran the model" in again.precision["reason"]
