@@ -87,7 +87,9 @@ def run(args) -> dict:
     else:
         cmd = [sys.executable, "-m", "pyinstrument", "-r", "text", "-o", str(prof), *seg[1:]]
     log = rundir / "profile.log"
-    r = procs.run_process(cmd, log, procs.child_env(threads))
+    # segment's console exit skips interpreter teardown, and with it pyinstrument's writer
+    # (the text came out empty): the slow exit lets the profiler write its report
+    r = procs.run_process(cmd, log, {**procs.child_env(threads), "SEGCORE_SLOW_EXIT": "1"})
     procs.check(r, log, "py-spy segcore segment" if spy else "pyinstrument segcore segment")
     if spy:
         prof.write_text(summarise_collapsed(raw))
