@@ -369,4 +369,3 @@ def check_channels(pred: Predictor, channels: int, src: str) -> None:
             f"{src}: has {channels} channel(s) but the model expects {want}; pick a scene with "
             f"{want} band(s) or a model trained on {channels}"
         )
-

@@ -255,9 +255,13 @@ def choose_halo(tile: int, multiple: int, field: ReceptiveField, halo) -> tuple[
 def plan(cfg: SegmentConfig) -> ScenePlan:
     """Read the scene's metadata and the checkpoint's contract; lay out the tiles; decide
     which contain foreground. Cheap: reads no full-resolution pixels."""
+    from segcore.inference import choose_device, choose_precision
     from segcore.io.channels import channels_for_model
     from segcore.io.readers import open_scene
 
+    # the precision the tasks will resolve, resolved here first: a bad SEGCORE_CPU_FEATURES
+    # (or --amp for this device) is refused before prepare writes anything
+    choose_precision(choose_device(cfg.device), cfg.amp)
     ckpt, tensors = read_checkpoint(read_bytes(cfg.model), cfg.model)
     scene = open_scene(cfg.src, level=cfg.level, mpp=cfg.mpp, channel_names=cfg.channel_names)
     try:

@@ -6,6 +6,8 @@ level-by-level downsample would, the preview thumbnail comes from the windows al
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import tifffile
@@ -278,12 +280,23 @@ def test_the_cpu_features_override_decides_as_that_cpu_would(tmp_path, monkeypat
     assert (tile > 400) == (amp == "bf16")
 
 
-def test_a_cpu_features_override_that_names_no_kind_is_refused(monkeypatch):
+def test_a_cpu_features_override_that_names_no_kind_is_refused(tmp_path, monkeypatch):
     from segcore.inference import choose_precision, cpu_flags, detected_cpu_flags
 
     monkeypatch.setenv("SEGCORE_CPU_FEATURES", "avx9000")
     with pytest.raises(ConfigError, match="SEGCORE_CPU_FEATURES='avx9000' must be one of avx2"):
         choose_precision(torch.device("cpu"), "auto")
+    # the CLI refuses it before writing anything, with a non-zero exit
+    import subprocess
+    import sys
+
+    _, src = _scene(tmp_path, 200, 200)
+    r = subprocess.run([sys.executable, "-m", "segcore", "segment", src, str(tmp_path / "o"),
+                        "--model", _ckpt(tmp_path), "--workers", "0", "--quiet"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "SEGCORE_CPU_FEATURES": "avx9000"})
+    assert r.returncode != 0 and "SEGCORE_CPU_FEATURES='avx9000'" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
     monkeypatch.setenv("SEGCORE_CPU_FEATURES", "AMX_BF16")  # the flag's own name, any case
     assert "amx_bf16" in cpu_flags()
     monkeypatch.setenv("SEGCORE_CPU_FEATURES", "")
