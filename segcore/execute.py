@@ -7,8 +7,26 @@ fails, because their shards are resumable; the first error is raised once all ha
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable
+
+
+MAX_LANES = 4  # in-process tasks side by side (each holds a few windows or shards in flight)
+
+
+def local_lanes(lanes: int | str, tasks: int) -> int:
+    """Tasks one process runs side by side without Dask: 'auto' = the cores in this
+    process's affinity, at most MAX_LANES; never more than there are tasks."""
+    if lanes == "auto":
+        lanes = min(MAX_LANES, available_cores())
+    return max(1, min(int(lanes), tasks))
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
 
 
 class _NoBar:

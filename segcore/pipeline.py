@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from segcore.config import Frozen, check_input_dtype, split_names
 from segcore.errors import ConfigError, IncompleteResultError, InputError
-from segcore.execute import run_tasks
+from segcore.execute import MAX_LANES, local_lanes, run_tasks  # noqa: F401 - re-exported
 from segcore.io.uri import exists, join, read_bytes, remove_tree, scene_key, write_bytes_atomic
 from segcore.models.checkpoint import read_checkpoint
 from segcore.models.fields import ReceptiveField, cached_receptive_field
@@ -36,7 +36,6 @@ from segcore.tiling import TileGrid, plan_tiles, round_up
 RESULT = "result.zarr"
 PREVIEW_SIDE = 1024
 MIN_LEVEL_SHARD = 128  # a pyramid level is written by the shard tasks while its shards are >= this
-MAX_LANES = 4  # in-process shard tasks side by side (each holds a few windows in flight)
 
 
 def task_levels(core: int, n_levels: int) -> int:
@@ -459,16 +458,6 @@ def run_shards(p: ScenePlan, client=None, resources: dict | None = None,
                      lambda s: len(s.tiles), lanes=lanes)
 
 
-def local_lanes(lanes: int | str, tasks: int) -> int:
-    """Shard tasks one process runs side by side without Dask: 'auto' = the cores in this
-    process's affinity, at most MAX_LANES; never more than there are tasks."""
-    if lanes == "auto":
-        from segcore.shards import available_cores
-
-        lanes = min(MAX_LANES, available_cores())
-    return max(1, min(int(lanes), tasks))
-
-
 def _downsample_task(args) -> list:
     from segcore.io.zarrstore import downsample_block, open_group
 
@@ -534,7 +523,8 @@ def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None,
         from segcore.objects import extract_objects
 
         objects = extract_objects(cfg.out, cfg.connectivity, client, require_complete=False,
-                                  grow=cfg.grow, grow_threshold=cfg.grow_threshold)
+                                  grow=cfg.grow, grow_threshold=cfg.grow_threshold,
+                                  lanes=cfg.lanes)
         timings["objects"] = objects["seconds"]
     exports = {}
     for fmt in cfg.exports:

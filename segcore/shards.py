@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from segcore.execute import available_cores
 from segcore.inference import (
     NODATA_LABEL,
     check_channels,
@@ -82,12 +83,6 @@ def io_threads() -> int:
     if env:
         return max(1, int(env))
     return max(1, min(4, available_cores() // 4))
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity where the OS has one)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores or 1)
 
 
 @dataclass(frozen=True)

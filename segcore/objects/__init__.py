@@ -61,12 +61,14 @@ def _label_task(t: _Pass) -> list[dict]:
              "pixels": mask.size}]
 
 
-def _class_probability(prob: np.ndarray, mask: np.ndarray, encoding: str) -> np.ndarray:
-    """Each pixel's probability of its own class, as float32 0-1."""
+def _class_probability(prob: np.ndarray, mask: np.ndarray, at: np.ndarray,
+                       encoding: str) -> np.ndarray:
+    """The probability of its own class at the flat pixel indices ``at``, as float32 0-1."""
+    flat = prob.reshape(prob.shape[0], -1)
     if prob.shape[0] == 1:
-        p = prob[0]
+        p = flat[0, at]
     else:
-        p = np.take_along_axis(prob, mask[None].astype(np.intp), 0)[0]
+        p = flat[mask.ravel()[at].astype(np.intp), at]
     p = p.astype(np.float32)
     return p / 255 if encoding == "uint8" else p
 
@@ -112,8 +114,6 @@ def _grown(t: _Pass, root, prob_enc: str) -> tuple[np.ndarray, tuple, np.ndarray
 def _measure_task(t: _Pass) -> list[dict]:
     """Relabel one shard with object ids (grown from the seeds when ``t.grow``), write it, and
     measure its part of each object."""
-    from scipy import ndimage
-
     from segcore.io.zarrstore import write_block
 
     root = _root(t.out, "r+")
@@ -143,31 +143,49 @@ def _measure_task(t: _Pass) -> list[dict]:
     if n == 0:
         return [{"i": (r.row, r.col), "whole": 0, "ids": np.zeros(0, np.uint32),
                  "pixels": mask.size}]
-    idx = np.arange(1, n + 1)
+    m = {"ids": ids, **_measure(local, n, inst, ring, r)}
+    if prob_raw is None:
+        prob_raw = root["0"][:, r.y0:r.y1, r.x0:r.x1]
+    prob = _class_probability(prob_raw, cls, m.pop("at"), enc)
+    lab = m.pop("lab")
+    m["psum"] = np.bincount(lab, weights=prob, minlength=n + 1)[1:]
+    pmax = np.full(n + 1, -np.inf, np.float32)
+    np.maximum.at(pmax, lab, prob)
+    m["pmax"] = pmax[1:].astype(np.float64)
+    return [_split_and_write(t, inst, m, obj_cls, mask.size)]
+
+
+def _measure(local: np.ndarray, n: int, inst: np.ndarray, ring: tuple, r: ShardRef) -> dict:
+    """Area, coordinate sums, bounding boxes and crack perimeters of the shard's ``n`` local
+    objects, from their pixels only (``at``: flat indices of the object pixels, ``lab``: their
+    local ids; bincount adds each object's pixels in the same order as over the whole shard,
+    so the sums are the same to the bit). The perimeter counts pixel sides between the object
+    and anything else (the image edge, the background, another object), with the neighbours'
+    ids beyond the shard's edges (``ring``: top, bottom, left, right)."""
+    from scipy import ndimage
+
+    h, w = local.shape
     flat = local.ravel()
-    m = {"ids": ids, "area": np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)}
-    yy, xx = np.indices(local.shape, dtype=np.float64)
-    m["sum_y"] = np.bincount(flat, weights=(yy + (r.y0 + 0.5)).ravel(), minlength=n + 1)[1:]
-    m["sum_x"] = np.bincount(flat, weights=(xx + (r.x0 + 0.5)).ravel(), minlength=n + 1)[1:]
+    at = np.flatnonzero(flat)
+    lab = flat[at]
+    m = {"area": np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)}
+    m["sum_y"] = np.bincount(lab, weights=at // w + (r.y0 + 0.5), minlength=n + 1)[1:]
+    m["sum_x"] = np.bincount(lab, weights=at % w + (r.x0 + 0.5), minlength=n + 1)[1:]
     boxes = ndimage.find_objects(local, max_label=n)
     m["bbox"] = np.array([[s[0].start + r.y0, s[1].start + r.x0, s[0].stop + r.y0,
                            s[1].stop + r.x0] for s in boxes], np.int64)
-    if prob_raw is None:
-        prob_raw = root["0"][:, r.y0:r.y1, r.x0:r.x1]
-    prob = _class_probability(prob_raw, cls, enc)
-    m["psum"] = np.bincount(flat, weights=prob.ravel(), minlength=n + 1)[1:]
-    m["pmax"] = np.asarray(ndimage.maximum(prob, local, idx), np.float64).reshape(-1)
-    # crack perimeter: pixel sides between the object and anything else (the image edge, the
-    # background, another object), with the neighbours' ids beyond the shard's edges
     top, bottom, left, right = ring
-    pad = np.zeros((inst.shape[0] + 2, inst.shape[1] + 2), np.uint32)
+    pad = np.zeros((h + 2, w + 2), np.uint32)
     pad[1:-1, 1:-1] = inst
     pad[0, 1:-1], pad[-1, 1:-1], pad[1:-1, 0], pad[1:-1, -1] = top, bottom, left, right
-    c = pad[1:-1, 1:-1]
-    sides = ((c != pad[:-2, 1:-1]).astype(np.uint8) + (c != pad[2:, 1:-1])
-             + (c != pad[1:-1, :-2]) + (c != pad[1:-1, 2:]))
-    m["perim"] = np.bincount(flat, weights=sides.ravel(), minlength=n + 1)[1:]
-    return [_split_and_write(t, inst, m, obj_cls, mask.size)]
+    pf = pad.ravel()
+    p = (at // w + 1) * (w + 2) + at % w + 1  # each object pixel's index in ``pad``
+    c = pf[p]
+    sides = ((c != pf[p - (w + 2)]).astype(np.uint8) + (c != pf[p + (w + 2)])
+             + (c != pf[p - 1]) + (c != pf[p + 1]))
+    m["perim"] = np.bincount(lab, weights=sides, minlength=n + 1)[1:]
+    m["at"], m["lab"] = at, lab
+    return m
 
 
 def _split_and_write(t: _Pass, inst: np.ndarray, m: dict, classes: np.ndarray,
@@ -278,13 +296,14 @@ def _pyramid_task(args) -> list:
 def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool = False,
                     require_complete: bool = True, polygons: bool = True,
                     simplify: float = 0.0, grow: int = 0,
-                    grow_threshold: float = 0.0) -> dict:
+                    grow_threshold: float = 0.0, lanes: int | str = "auto") -> dict:
     """Instances, table and summary for the finished result at ``out`` (see module doc).
     ``require_complete=False`` is for ``segment`` itself, before it writes COMPLETE.
     ``grow``: seeded growth steps (:mod:`segcore.objects.grow`) into pixels with foreground
     probability >= ``grow_threshold`` (off by default: on the nuclei data it lowered F1, see
-    docs/RESULTS.md)."""
-    from segcore.execute import run_tasks
+    docs/RESULTS.md). Without a client the shard tasks run on ``lanes`` threads of this
+    process ('auto': one per core, as segment's lanes; the work releases the GIL)."""
+    from segcore.execute import local_lanes, run_tasks
     from segcore.objects.table import units
 
     if require_complete and not exists(join(out, "COMPLETE")):
@@ -304,9 +323,10 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
         raise InputError(f"grow {grow}, grow threshold {grow_threshold}: use steps >= 0 and a "
                          "probability between 0 and 1")
     _create_instances(root, root["labels/mask"])
+    lanes = local_lanes(lanes, len(refs)) if client is None else 1
 
     first = run_tasks(_label_task, [_Pass(out, r, n_classes, connectivity) for r in refs],
-                      client, None, progress, "objects: label", lambda s: 1)
+                      client, None, progress, "objects: label", lambda s: 1, lanes)
     first.sort(key=lambda d: at[tuple(d["i"])])
     counts = [d["n"] for d in first]
     strips = [d["edges"] for d in first]
@@ -319,7 +339,7 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
                           [mask0.chunks[0]], 1, None, None, name=SEEDS)
         run_tasks(_seed_task, [_Pass(out, r, n_classes, connectivity, luts[i])
                                for i, r in enumerate(refs)],
-                  client, None, progress, "objects: seeds", lambda s: 1)
+                  client, None, progress, "objects: seeds", lambda s: 1, lanes)
     remove_tree(join(out, PARTS))  # a crashed earlier run's parts
     unit_attrs = {k: attrs[k] for k in ("geo", "pixel_size", "pixel_unit") if k in attrs}
     specs = [_Pass(out, r, n_classes, connectivity, luts[i],
@@ -329,7 +349,7 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
                    unit_attrs, simplify)
              for i, r in enumerate(refs)]
     parts = run_tasks(_measure_task, specs, client, None, progress, "objects: measure",
-                      lambda s: 1)
+                      lambda s: 1, lanes)
     parts.sort(key=lambda d: at[tuple(d["i"])])
     if grow:
         del root[SEEDS]
@@ -339,7 +359,7 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
         shard = grp[str(lv)].shards[0]
         run_tasks(_pyramid_task, [(out, lv, rr, cc, shard) for rr in range(math_ceil(h, shard))
                                   for cc in range(math_ceil(w, shard))],
-                  client, None, False, f"objects: level {lv}", lambda s: 1)
+                  client, None, False, f"objects: level {lv}", lambda s: 1, lanes)
     files, per_class_idx, n_obj = _write_out(out, refs, parts, luts, obj_class, class_names,
                                              unit_attrs, polygons, simplify)
     per_class = {class_names[k] if k < len(class_names) else str(k): int(per_class_idx[k])

@@ -39,13 +39,25 @@ def shard_polygons(inst: np.ndarray, ref: ShardRef) -> dict[int, object]:
 
     if not inst.any():
         return {}
-    rings: dict[int, list] = {}
     src = inst.astype(np.int32)  # GDAL polygonises 32-bit signed ids (ids stay < 2^31)
+    coords, ring_of, poly_of, values = [], [], [], []
     for geom, value in shapes(src, mask=inst > 0, connectivity=4,
                               transform=Affine(1, 0, ref.x0, 0, 1, ref.y0)):
-        rings.setdefault(int(value), []).append(shapely.geometry.shape(geom))
-    return {oid: polys[0] if len(polys) == 1 else shapely.MultiPolygon(polys)
-            for oid, polys in rings.items()}
+        for ring in geom["coordinates"]:  # the shell, then the holes
+            coords.append(ring)
+            ring_of.append(len(values))
+        values.append(int(value))
+    # the rings' vertices become arrays in C (shapely.geometry.shape walks them in Python:
+    # most of the objects step's time on small objects), then one call builds every ring and
+    # one every polygon (the first ring of each is its shell)
+    lengths = np.fromiter((len(c) for c in coords), np.intp, len(coords))
+    xy = np.concatenate([np.asarray(c, np.float64) for c in coords])
+    rings = shapely.linearrings(xy, indices=np.repeat(np.arange(len(coords)), lengths))
+    polys = shapely.polygons(rings, indices=np.asarray(ring_of, np.intp))
+    out: dict[int, list] = {}
+    for value, poly in zip(values, polys, strict=True):
+        out.setdefault(value, []).append(poly)
+    return {oid: ps[0] if len(ps) == 1 else shapely.MultiPolygon(ps) for oid, ps in out.items()}
 
 
 def union_parts(parts: dict[int, list[bytes]]) -> dict[int, object]:
