@@ -62,6 +62,9 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--model", default="pointwise",
                    choices=["pointwise", *[m for m in fixtures.MODELS if m.startswith("sim-")]],
                    help="pointwise (zero cost) or a simulated accelerator of 20/60/200 Mpx/s")
+    i.add_argument("--base", default=None, metavar="REV",
+                   help="also run every segment contender from a git worktree of REV, "
+                        "interleaved (before/after in one run)")
     p = sub.add_parser("profile", help="segcore segment under pyinstrument (text profile)")
     _common(p)
     p.add_argument("--model", default=None, choices=list(fixtures.MODELS))

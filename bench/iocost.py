@@ -25,8 +25,9 @@ METRICS = ("seconds", "mpx_per_s", "wall", "wall_mpx_per_s", "peak_rss_mb", "tre
            "decode_mpx_per_s", "normalize_mpx_per_s", "write_mpx_per_s")
 
 
-def _name(workers: int | None) -> str:
-    return "segment-default" if workers is None else f"segment-w{workers}"
+def _name(workers: int | None, base: str = "") -> str:
+    name = "segment-default" if workers is None else f"segment-w{workers}"
+    return f"base-{base[:7]} {name}" if base else name
 
 
 def run(args) -> dict:
@@ -50,22 +51,32 @@ def run(args) -> dict:
     print(f"# zero-cost model {ckpt}; scenes {', '.join(str(s) for s in scenes.values())}; "
           f"tile {tile}, workers {workers}, {threads} thread(s)", flush=True)
 
+    # --base REV: every segment contender also runs from a worktree of REV, interleaved
+    base_root, base = procs.base_tree(args.base, workdir) if args.base else (None, "")
+    sides = [("", None), *([(base, base_root)] if base else [])]
     rows: dict[tuple[str, str], dict] = {}
     for k in kinds:
         for w in workers:
-            rows[(k, _name(w))] = {"scene_kind": k, "contender": _name(w),
-                                   "tile": tile, "runs": [], "notes": ""}
+            for b, _ in sides:
+                rows[(k, _name(w, b))] = {"scene_kind": k, "contender": _name(w, b),
+                                          "tile": tile, "runs": [],
+                                          "notes": f"code of {b}" if b else ""}
         rows[(k, "floors")] = {"scene_kind": k, "contender": "floors", "tile": tile,
                                "runs": [], "notes": "decode + normalise + write, one process"}
     seg_dev = device if device.startswith("cuda") else "cpu"
     for rep in range(args.repeats):
         for k in kinds:
-            for w in workers:
-                row = rows[(k, _name(w))]
+            for w, (b, tree) in ((w, s) for w in workers for s in sides):
+                name = _name(w, b)
+                row = rows[(k, name)]
                 cenv = procs.child_env(threads, max(1, threads // w) if w else None)
-                out = rundir / f"out-{k}-{_name(w)}"
-                log = rundir / "logs" / f"{k}-{_name(w)}-rep{rep}.log"
-                r = procs.run_segment(scenes[k], out, ckpt, tile, "none", w, seg_dev, log, cenv)
+                if tree is not None:
+                    cenv = procs.in_tree(cenv, tree)
+                slug = name.replace(" ", "-")
+                out = rundir / f"out-{k}-{slug}"
+                log = rundir / "logs" / f"{k}-{slug}-rep{rep}.log"
+                r = procs.run_segment(scenes[k], out, ckpt, tile, "none", w, seg_dev, log, cenv,
+                                      cwd=tree)
                 r["mpx_per_s"] = px / 1e6 / r["seconds"] if r["seconds"] > 0 else None
                 r["wall_mpx_per_s"] = px / 1e6 / r["wall"]
                 row["tiles_run"] = r["report"].get("tiles_run")
@@ -73,7 +84,7 @@ def run(args) -> dict:
                 row["runs"].append(r)
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
-                print(f"# rep {rep + 1}/{args.repeats} {k} {_name(w)}: "
+                print(f"# rep {rep + 1}/{args.repeats} {k} {name}: "
                       f"{r['mpx_per_s']:.3g} Mpx/s (report), wall {r['wall']:.3g} s", flush=True)
             log = rundir / "logs" / f"floors-{k}-rep{rep}.log"
             r = procs.run_worker("floors", ["--scene", str(scenes[k]), "--tile", str(tile),
@@ -89,6 +100,7 @@ def run(args) -> dict:
     result = {"comparison": "io", "tag": tag, "environment": env,
               "config": {"size": args.size, "tile": tile, "kinds": kinds, "workers": workers,
                          "threads": threads, "repeats": args.repeats, "device": device,
+                         "base": base or None,
                          "checkpoint": str(ckpt), "scenes": {k: str(v) for k, v in
                                                              scenes.items()},
                          "quick": args.quick},

@@ -55,9 +55,31 @@ def tree_rss(proc) -> int:
     return total
 
 
+def base_tree(rev: str, workdir: Path) -> tuple[Path, str]:
+    """A git worktree of ``rev`` under ``workdir`` (made once, detached): the "before" side of
+    a before/after run, so both sides run interleaved on the same machine in one run.
+    Returns (its root, the full commit)."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT,
+                         check=True, capture_output=True, text=True).stdout.strip()
+    tree = workdir / "base" / sha[:12]
+    if not (tree / "segcore" / "__init__.py").exists():
+        shutil.rmtree(tree, ignore_errors=True)
+        subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=True)
+        subprocess.run(["git", "worktree", "add", "--detach", "-f", str(tree), sha], cwd=ROOT,
+                       check=True, capture_output=True)
+    return tree, sha
+
+
+def in_tree(env: dict[str, str], tree: Path) -> dict[str, str]:
+    """``env`` with ``tree``'s segcore first on the path (a base_tree's "before" code)."""
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(ROOT)]
+    return {**env, "PYTHONPATH": os.pathsep.join([str(tree), *rest])}
+
+
 def run_process(cmd: list[str], log: Path, env: dict[str, str], interval: float = 0.5,
-                timeout: float | None = None) -> dict:
-    """Run ``cmd`` (output to ``log``); returns wall seconds, peak RSS (MB) and exit code."""
+                timeout: float | None = None, cwd: Path | None = None) -> dict:
+    """Run ``cmd`` (output to ``log``) in ``cwd`` (default the repository); returns wall
+    seconds, peak RSS (MB) and exit code."""
     try:
         import psutil
     except ImportError:
@@ -67,7 +89,8 @@ def run_process(cmd: list[str], log: Path, env: dict[str, str], interval: float 
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "wb") as fh:
-        popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        popen = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd or ROOT,
+                                 env=env)
         proc = psutil.Process(popen.pid) if psutil else None
         done = threading.Event()
         peak = [0]
@@ -124,12 +147,13 @@ def segment_command(scene: Path, out: Path, model: Path, tile: int, amp: str,
 
 
 def run_segment(scene: Path, out: Path, model: Path, tile: int, amp: str, workers: int | None,
-                device: str, log: Path, env: dict[str, str], keep: bool = False) -> dict:
+                device: str, log: Path, env: dict[str, str], keep: bool = False,
+                cwd: Path | None = None) -> dict:
     """One ``segcore segment`` run from scratch (a previous OUT is deleted first, or the run
     would resume); wall clock and RSS of the process plus the report's own figures."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = segment_command(scene, out, model, tile, amp, workers, device)
-    r = run_process(cmd, log, env)
+    r = run_process(cmd, log, env, cwd=cwd)
     check(r, log, "segcore segment")
     report = json.loads((out / "report.json").read_text())
     keys = ("seconds", "mpx_per_s", "tiles_total", "tiles_run", "tiles_skipped_background",
