@@ -34,6 +34,7 @@ from segcore.io.uri import get_fs, is_local
 CHANNEL_AXES = "SC"  # samples (RGB...) and OME channels
 ALPHA = (1, 2)  # ExtraSamples: associated / unassociated alpha
 _OME_UNITS_UM = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+DECODE_THREADS = 4  # > 1 turns on tifffile's threaded tile decode (the threads are zarr's)
 _MPP = re.compile(r"\bMPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")
 
 
@@ -150,7 +151,10 @@ class TiffSource(Source):
             return
         lv = self._tif.series[0].levels[level]
         self._check_complete(lv, level)
-        store = self._tif.series[0].aszarr(level=level)
+        # maxworkers > 1: tifffile decodes each tile with asyncio.to_thread instead of inline on
+        # zarr's one event-loop thread (its own default picks inline below 6 cores, so on a
+        # small host every lane's decode queued on that one thread; profile-i21-sim-60.txt)
+        store = self._tif.series[0].aszarr(level=level, maxworkers=DECODE_THREADS)
         self._stores.append(store)
         arr = zarr.open_array(store, mode="r")
         check_chunk(self.uri, level, arr.chunks, arr.dtype.itemsize)  # a strip decodes whole
