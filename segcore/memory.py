@@ -110,6 +110,46 @@ def auto_tile(spec: ModelSpec, device_type: str, amp: str, batch: int, multiple:
 
 
 _LIBC: list = []
+_TUNED: list[bool] = []
+HEAP_KEEP = 1 << 30  # bytes: blocks up to this come from (and stay in) the heap, see tune_heap
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def _libc():
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC.append(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"))
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def tune_heap() -> bool:
+    """Keep large freed blocks in the heap for the next window instead of unmapping them.
+
+    glibc serves blocks above its mmap threshold (dynamic, at most 32 MB) with a fresh mmap
+    and unmaps them on free, so every window's float input (50 MB at 2048^2 RGB), logits and
+    labels are page-faulted in afresh, in every thread: one core, a fresh 2048^2x3 float32
+    tensor filled in place took 40 ms (98 in two threads at once) against 5 (8) once the
+    threshold is raised, numpy's uint8 -> float32 11 against 6.5 (``python
+    bench/heap_probe.py``). Raises
+    the mmap and trim thresholds to HEAP_KEEP once per process; :func:`trim_heap` still hands
+    the free pages back as each task ends, so the peak is what it was. False where there is
+    no glibc (nothing done)."""
+    if _TUNED:
+        return _TUNED[0]
+    lib = _libc()
+    ok = lib is not None and hasattr(lib, "mallopt")
+    if ok:
+        import ctypes
+
+        ok = bool(lib.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(HEAP_KEEP))) and \
+            bool(lib.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(HEAP_KEEP)))
+    _TUNED.append(ok)
+    return ok
 
 
 def trim_heap() -> bool:
@@ -117,17 +157,8 @@ def trim_heap() -> bool:
     Windows, batches and cores are megabytes each, allocated by several threads, so glibc's
     per-thread arenas keep freed blocks and a long scene's RSS creeps up by a few hundred MB
     before it levels off. Returns False where there is no glibc (musl, macOS): nothing done."""
-    if not _LIBC:
-        import ctypes
-        import ctypes.util
-
-        try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.append(lib.malloc_trim if hasattr(lib, "malloc_trim") else None)
-        except OSError:
-            _LIBC.append(None)
-    fn = _LIBC[0]
-    if fn is None:
+    lib = _libc()
+    if lib is None or not hasattr(lib, "malloc_trim"):
         return False
-    fn(0)
+    lib.malloc_trim(0)
     return True

@@ -172,6 +172,9 @@ def _scene(src: str, level: int, channels: tuple[int, ...] | None = None,
 def run_task(spec: TaskSpec) -> list[dict]:
     """Run one task's tiles; returns a list of ShardResult dicts (plus, with
     ``thumb_stride``, a sampled thumbnail of each core's input under ``"thumb"``)."""
+    from segcore.memory import tune_heap
+
+    tune_heap()
     scene = _scene(spec.src, spec.level, spec.channels, spec.channel_names)
     info = scene.info
     pred = get_predictor(spec.model, spec.device, spec.amp, compile=spec.compile)
