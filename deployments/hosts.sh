@@ -34,8 +34,10 @@ scheduler)
     DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL=${DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL:-15s} \
         exec dask scheduler --host "$HOST_IP" --port 8786 ;;
 gpu-worker)  # one per GPU: CUDA_VISIBLE_DEVICES=0 deployments/hosts.sh gpu-worker
+    # a thread per lane: shard tasks hold GPU=1/lanes (ClusterConfig.gpu_lanes: 4 with an
+    # address), so 4 run side by side sharing the worker's model; its lock queues the forwards
     export DASK_CONFIG=${DASK_CONFIG:-$(dirname "$0")/dask}  # worker.yaml: the malloc fix
-    exec dask worker "$SCHEDULER" --resources GPU=1 --nworkers 1 --nthreads 1 \
+    exec dask worker "$SCHEDULER" --resources GPU=1 --nworkers 1 --nthreads 4 \
         --name "${WORKER_NAME:-$(hostname)-gpu${CUDA_VISIBLE_DEVICES:-0}}" ;;
 client)  # where flows run (or a Prefect process worker: prefect worker start --pool segcore-process)
     export PREFECT_API_URL

@@ -2,7 +2,9 @@
 worker per GPU, each pinned with ``CUDA_VISIBLE_DEVICES`` and advertising ``{"GPU": 1}``.
 
 Inference tasks are submitted with the resources :func:`open_client` returns, so in GPU mode they
-run only on GPU workers and at most one at a time per GPU; reading, ingest and pyramids need no
+run only on GPU workers, at most ``gpu_lanes`` at a time per GPU (each task holds GPU=1/lanes:
+lanes share the worker's one model, and its lock queues their forwards, so the device runs one
+batch at a time while the other lanes read, decode, write); reading, ingest and pyramids need no
 resource and run anywhere. ``fake_gpus=N`` builds the same GPU worker specs on a CPU-only machine
 (that is how the pinning is tested). This module is a pure library: no Prefect.
 """
@@ -35,7 +37,8 @@ class ClusterConfig(Frozen):
       dask-jobqueue or dask-kubernetes; ``gpu_resources=True`` if its workers advertise GPU=1.
     - ``gpu``: one worker per GPU (``gpus`` ids, else ``CUDA_VISIBLE_DEVICES``, else all
       torch sees), each with CUDA_VISIBLE_DEVICES rotated to start at its GPU (as dask-cuda),
-      ``resources={"GPU": 1}``, one thread; plus ``cpu_workers`` resource-free workers.
+      ``resources={"GPU": 1}``, ``gpu_lanes`` threads; plus ``cpu_workers`` resource-free
+      workers.
       ``fake_gpus=N`` builds N such workers on CPU (tests, dry runs).
     """
 
@@ -49,6 +52,10 @@ class ClusterConfig(Frozen):
     fake_gpus: int = Field(0, ge=0, le=64)
     cpu_workers: int = Field(0, ge=0, le=512, description="extra resource-free workers, gpu mode")
     gpu_resources: bool = Field(False, description="mode='address': workers advertise GPU=1")
+    gpu_lanes: int | Literal["auto"] = Field(
+        "auto", description="shard tasks side by side per GPU worker (GPU=1/lanes each): "
+        "'auto' = the host's cores per GPU in gpu mode (at most 4), 4 with an address (what "
+        "deployments/hosts.sh gpu-worker starts threads for)")
     use_dask_cuda: bool = Field(True, description="gpu mode: use dask_cuda if importable")
     connect_timeout: float = Field(20.0, gt=0, description="seconds, mode='address'")
     dashboard: bool = False
@@ -63,13 +70,26 @@ class ClusterConfig(Frozen):
             raise ValueError("fake_gpus only makes sense with mode='gpu'")
         if self.fake_gpus and self.gpus:
             raise ValueError("give either gpus=... (real) or fake_gpus=N, not both")
+        if self.gpu_lanes != "auto" and not 1 <= int(self.gpu_lanes) <= 16:
+            raise ValueError(f"gpu_lanes={self.gpu_lanes}: use 1-16 or 'auto'")
         return self
 
     def inference_resources(self) -> dict[str, float] | None:
-        """Worker resources each inference task must hold (None: run anywhere)."""
+        """Worker resources each inference task must hold (None: run anywhere): a GPU's share
+        1/lanes, so ``lanes`` tasks run side by side on one GPU worker."""
         if self.mode == "gpu" or (self.mode == "address" and self.gpu_resources):
-            return dict(GPU_RESOURCES)
+            return {k: v / self.lanes_per_gpu() for k, v in GPU_RESOURCES.items()}
         return None
+
+    def lanes_per_gpu(self, cpus: int | None = None) -> int:
+        from segcore.execute import MAX_LANES, available_cores
+
+        if self.gpu_lanes != "auto":
+            return int(self.gpu_lanes)
+        if self.mode != "gpu":
+            return MAX_LANES
+        n = len(gpu_ids(self))
+        return max(1, min(MAX_LANES, (cpus or available_cores()) // n))
 
 
 def local_sizing(cfg: ClusterConfig, cpus: int | None = None) -> tuple[int, int]:
@@ -108,11 +128,12 @@ def rotated_devices(ids: list[str], i: int) -> str:
 
 
 def gpu_worker_specs(cfg: ClusterConfig) -> dict[str, dict[str, Any]]:
-    """SpecCluster worker specs: one Nanny per GPU (pinned, GPU=1, one thread) + CPU workers."""
+    """SpecCluster worker specs: one Nanny per GPU (pinned, GPU=1, a thread per lane) + CPU
+    workers."""
     from distributed import Nanny
 
     ids = gpu_ids(cfg)
-    threads = cfg.threads_per_worker or 1
+    threads = cfg.threads_per_worker or cfg.lanes_per_gpu()
     specs: dict[str, dict[str, Any]] = {}
     for i, dev in enumerate(ids):
         specs[f"gpu-{dev}"] = {"cls": Nanny, "options": {

@@ -34,9 +34,20 @@ def test_config_refuses_inconsistent_modes():
     with pytest.raises(ValidationError, match="extra"):
         ClusterConfig(mode="local", n_worker=2)  # typo refused
     assert ClusterConfig().inference_resources() is None
-    assert ClusterConfig(mode="gpu", fake_gpus=1).inference_resources() == {"GPU": 1}
+    # a task holds a GPU's share 1/lanes: lanes tasks side by side on one GPU worker
+    assert ClusterConfig(mode="gpu", fake_gpus=1, gpu_lanes=1).inference_resources() == \
+        {"GPU": 1}
+    assert ClusterConfig(mode="gpu", fake_gpus=1, gpu_lanes=2).inference_resources() == \
+        {"GPU": 0.5}
+    # auto: the host's cores per GPU (at most 4); with an address, what hosts.sh starts (4)
+    auto = ClusterConfig(mode="gpu", fake_gpus=2)
+    assert [auto.lanes_per_gpu(cpus=c) for c in (1, 2, 4, 16, 64)] == [1, 1, 2, 4, 4]
+    assert gpu_worker_specs(ClusterConfig(mode="gpu", fake_gpus=2, gpu_lanes=3)
+                            )["gpu-0"]["options"]["nthreads"] == 3
     assert ClusterConfig(mode="address", address="tcp://h:1",
-                         gpu_resources=True).inference_resources() == {"GPU": 1}
+                         gpu_resources=True).inference_resources() == {"GPU": 0.25}
+    with pytest.raises(ValidationError, match="gpu_lanes"):
+        ClusterConfig(mode="gpu", fake_gpus=1, gpu_lanes=0)
 
 
 def test_rotation_matches_dask_cuda():
@@ -59,9 +70,32 @@ def _infer_like(i: int) -> dict:
             "cvd": os.environ.get("CUDA_VISIBLE_DEVICES"), "t0": t0, "t1": time.monotonic()}
 
 
+def max_overlap(rs: list[dict]) -> int:
+    events = sorted([(r["t0"], 1) for r in rs] + [(r["t1"], -1) for r in rs],
+                    key=lambda e: (e[0], e[1]))
+    cur = best = 0
+    for _, d in events:
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+def test_gpu_lanes_run_that_many_tasks_side_by_side_per_gpu():
+    """gpu_lanes=2: each inference task holds GPU=0.5, so a GPU worker (a thread per lane, 4
+    threads here so only the resource can limit them) runs two at once, never three."""
+    cfg = ClusterConfig(mode="gpu", fake_gpus=1, gpu_lanes=2, threads_per_worker=4)
+    with open_client(cfg) as (client, resources):
+        assert resources == {"GPU": 0.5}
+        rows = client.gather(client.map(_infer_like, range(8), resources=resources,
+                                        pure=False))
+    assert {r["worker"] for r in rows} == {"gpu-0"}
+    assert max_overlap(rows) == 2
+
+
 def test_fake_gpu_workers_pin_devices_and_serialise_inference():
     # 2 fake GPUs with 2 threads each (so only the GPU resource can serialise them) + 1 CPU worker
-    cfg = ClusterConfig(mode="gpu", fake_gpus=2, cpu_workers=1, threads_per_worker=2)
+    cfg = ClusterConfig(mode="gpu", fake_gpus=2, cpu_workers=1, threads_per_worker=2,
+                        gpu_lanes=1)
     with open_client(cfg) as (client, resources):
         assert resources == {"GPU": 1}
         envs = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
@@ -84,15 +118,6 @@ def test_fake_gpu_workers_pin_devices_and_serialise_inference():
     first = {r["worker"]: r["cvd"].split(",")[0] for r in rows}
     assert first == {"gpu-0": "0", "gpu-1": "1"}  # each worker sees a distinct first device
     assert all(r["cvd"] == "" for r in anywhere)
-
-    def max_overlap(rs: list[dict]) -> int:
-        events = sorted([(r["t0"], 1) for r in rs] + [(r["t1"], -1) for r in rs],
-                        key=lambda e: (e[0], e[1]))
-        cur = best = 0
-        for _, d in events:
-            cur += d
-            best = max(best, cur)
-        return best
 
     for w in ("gpu-0", "gpu-1"):
         assert max_overlap([r for r in rows if r["worker"] == w]) == 1

@@ -289,7 +289,7 @@ def test_scheduler_parameter_selects_a_running_scheduler():
 
     c = cluster_config(None, "tcp://10.77.0.4:8786")
     assert (c.mode, c.address, c.inference_resources()) == (
-        "address", "tcp://10.77.0.4:8786", {"GPU": 1})
+        "address", "tcp://10.77.0.4:8786", {"GPU": 0.25})  # 4 lanes per GPU worker
     local = ClusterConfig(n_workers=1, processes=False)
     assert cluster_config(local, "") is local and cluster_config(local, None) is local
     assert cluster_config(None, " ") == ClusterConfig()
