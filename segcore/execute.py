@@ -7,6 +7,7 @@ fails, because their shards are resumable; the first error is raised once all ha
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +28,21 @@ def available_cores() -> int:
     """The cores this process may run on (its affinity where the OS has one)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, cores or 1)
+
+
+@contextlib.contextmanager
+def process_lanes(lanes: int):
+    """``lanes`` worker processes (spawned: this process runs zarr's event-loop thread, which
+    a fork would copy mid-flight) to pass to :func:`run_tasks` as the client, for task work
+    that holds the GIL (GDAL's polygonize through rasterio does); closed on exit."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=lanes, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _NoBar:
@@ -51,7 +67,8 @@ def _progress(total: int, enabled: bool, desc: str):
 def _outcomes(fn, specs: list, client, resources, lanes: int = 1
               ) -> Iterable[tuple[object, object, BaseException | None]]:
     """(spec, result, error) as each task ends: locally in order (``lanes`` 1) or as completed
-    on ``lanes`` threads of this process, and as completed on Dask."""
+    on ``lanes`` threads of this process, on a ``concurrent.futures`` pool given as the client
+    (e.g. :func:`process_lanes`), and as completed on Dask."""
     if client is None and lanes <= 1:
         for s in specs:
             try:
@@ -59,10 +76,12 @@ def _outcomes(fn, specs: list, client, resources, lanes: int = 1
             except Exception as e:  # noqa: BLE001 - handed to the caller, re-raised there
                 yield s, None, e
         return
-    if client is None:
-        from concurrent.futures import ThreadPoolExecutor, as_completed
+    from concurrent.futures import Executor, ThreadPoolExecutor, as_completed
 
-        with ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="segcore-lane") as pool:
+    if client is None or isinstance(client, Executor):
+        with contextlib.ExitStack() as stack:
+            pool = client or stack.enter_context(
+                ThreadPoolExecutor(max_workers=lanes, thread_name_prefix="segcore-lane"))
             local = {pool.submit(fn, s): s for s in specs}
             for fut in as_completed(local):
                 err = fut.exception()

@@ -124,18 +124,33 @@ def test_instances_equal_whole_image_labelling_and_table_measures(tmp_path, conn
     assert ome == ["mask", "instances"]
 
 
-def test_objects_on_lanes_write_the_same_bytes_as_one_lane(tmp_path):
-    """Without Dask the shard tasks of every objects pass run on lanes (threads of this
-    process); the instances, the table and the polygons are the same bytes as on one lane."""
+@pytest.mark.parametrize("kind", ["threads", "processes"])
+def test_objects_on_lanes_write_the_same_bytes_as_one_lane(tmp_path, monkeypatch, kind):
+    """Without Dask the shard tasks of every objects pass run on lanes: threads, or spawned
+    processes from PROCESS_MIN_SHARDS shards on; the instances (every level, the ones the
+    shard tasks write themselves and the ones the pyramid tasks fill), the table and the
+    polygons are the same bytes as on one lane."""
     import shutil
 
+    import segcore.objects as objects
     from segcore.objects import extract_objects
 
     out, _ = _segment(tmp_path, _blobs(300, 390, seed=5))
     other = str(tmp_path / "other")
     shutil.copytree(out, other)
     a = extract_objects(out, connectivity=8, lanes=1)
-    b = extract_objects(other, connectivity=8, lanes=3)
+    monkeypatch.setattr(objects, "PROCESS_MIN_SHARDS", 1 if kind == "processes" else 10**9)
+    from segcore import execute
+
+    spawned, real = [], execute.process_lanes
+
+    def counting(n):
+        spawned.append(n)
+        return real(n)
+
+    monkeypatch.setattr(execute, "process_lanes", counting)
+    b = extract_objects(other, connectivity=8, lanes=2)
+    assert spawned == ([2] if kind == "processes" else [])
     assert a["objects"] == b["objects"] > 20
     for name in ("objects.parquet", "objects.csv", "polygons.parquet"):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "other" / name).read_bytes()
@@ -145,6 +160,7 @@ def test_objects_on_lanes_write_the_same_bytes_as_one_lane(tmp_path):
     assert len(levels) > 1 and levels == sorted(rb.array_keys())
     for lv in levels:
         assert np.array_equal(ra[lv][:], rb[lv][:])
+    assert np.array_equal(ra["1"][:], ra["0"][:][::2, ::2])
 
 
 def test_physical_units_and_refusals(tmp_path):

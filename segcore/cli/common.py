@@ -51,8 +51,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=None,
                    help="local Dask worker processes; 0 = run in this process without Dask "
-                        "(default: segment runs in this process on --lanes, the other verbs "
-                        "start workers sized to the machine)")
+                        "(default: segment and objects run in this process on lanes, the "
+                        "other verbs start workers sized to the machine)")
     g.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
     g.add_argument("--gpus", type=int, default=None,
                    help="one worker per GPU (pinned with CUDA_VISIBLE_DEVICES); needs CUDA")

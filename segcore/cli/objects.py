@@ -25,7 +25,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from segcore.objects import extract_objects
 
-    with client_from_args(args) as (client, _):
+    # without --workers/--scheduler: in this process, on lanes (processes for big results)
+    with client_from_args(args, in_process_default=True) as (client, _):
         summary = extract_objects(args.out, connectivity=args.connectivity, client=client,
                                   progress=not args.quiet, polygons=not args.no_polygons,
                                   simplify=args.simplify, grow=args.grow,

@@ -22,6 +22,7 @@ from segcore.objects.instances import INSTANCES, ShardRef, edges, label_block, m
 RESULT = "result.zarr"
 SEEDS = "objects-seeds"  # scratch group for seeded growth, removed when the objects are done
 PARTS = "objects-parts"  # scratch: each shard's complete objects, removed when written out
+PROCESS_MIN_SHARDS = 32  # without Dask, lanes are processes from this many shards on
 NODATA = 255  # the mask's nodata value (segcore.inference.NODATA_LABEL): never grown into
 COLUMNS = ("id", "class", "class_index", "area_px", "area", "perimeter_px", "perimeter",
            "centroid_x_px", "centroid_y_px", "centroid_x", "centroid_y", "bbox_x0", "bbox_y0",
@@ -44,6 +45,7 @@ class _Pass:
     class_names: tuple[str, ...] = ()
     attrs: dict | None = None  # the result's segcore attributes (units for the table)
     simplify: float = 0.0
+    levels: int = 0  # pass 2: instance pyramid levels 1..levels written by the shard itself
 
 
 def _root(out: str, mode: str = "r"):
@@ -114,8 +116,6 @@ def _grown(t: _Pass, root, prob_enc: str) -> tuple[np.ndarray, tuple, np.ndarray
 def _measure_task(t: _Pass) -> list[dict]:
     """Relabel one shard with object ids (grown from the seeds when ``t.grow``), write it, and
     measure its part of each object."""
-    from segcore.io.zarrstore import write_block
-
     root = _root(t.out, "r+")
     r = t.ref
     enc = root.attrs["segcore"].get("probability_encoding", "uint8 0-255")
@@ -139,7 +139,7 @@ def _measure_task(t: _Pass) -> list[dict]:
         ring, prob_raw, cls = t.ring, None, mask
         ids = t.lut[np.arange(1, n + 1)]
         obj_cls = local_cls[1:]
-    write_block(root[f"labels/{INSTANCES}/0"], r.y0, r.x0, inst)
+    _write_levels(root[f"labels/{INSTANCES}"], r, inst, t.levels)
     if n == 0:
         return [{"i": (r.row, r.col), "whole": 0, "ids": np.zeros(0, np.uint32),
                  "pixels": mask.size}]
@@ -153,6 +153,32 @@ def _measure_task(t: _Pass) -> list[dict]:
     np.maximum.at(pmax, lab, prob)
     m["pmax"] = pmax[1:].astype(np.float64)
     return [_split_and_write(t, inst, m, obj_cls, mask.size)]
+
+
+def _write_levels(grp, r: ShardRef, inst: np.ndarray, levels: int) -> None:
+    """The shard's instances at level 0 and at the pyramid levels 1..``levels`` whose shards
+    are this shard halved (nearest: every 2^L-th pixel, what the level-by-level pyramid
+    gives), in one round trip; the pyramid tasks fill the levels above."""
+    from segcore.io.zarrstore import write_blocks
+
+    blocks = [(grp["0"], r.y0, r.x0, inst)]
+    for lv in range(1, levels + 1):
+        a, f = grp[str(lv)], 2 ** lv
+        y0, x0 = r.y0 >> lv, r.x0 >> lv
+        sub = inst[::f, ::f][:a.shape[0] - y0, :a.shape[1] - x0]
+        blocks.append((a, y0, x0, np.ascontiguousarray(sub)))
+    write_blocks(blocks)
+
+
+def _task_levels(grp) -> int:
+    """Instance levels a shard task writes itself: while level L's shards are level 0's
+    shard >> L (each level-0 shard is then exactly one shard there)."""
+    s0 = grp["0"].shards
+    lv = 0
+    while str(lv + 1) in grp and s0[0] % 2 ** (lv + 1) == 0 and s0[1] % 2 ** (lv + 1) == 0 \
+            and grp[str(lv + 1)].shards == (s0[0] >> (lv + 1), s0[1] >> (lv + 1)):
+        lv += 1
+    return lv
 
 
 def _measure(local: np.ndarray, n: int, inst: np.ndarray, ring: tuple, r: ShardRef) -> dict:
@@ -296,19 +322,21 @@ def _pyramid_task(args) -> list:
 def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool = False,
                     require_complete: bool = True, polygons: bool = True,
                     simplify: float = 0.0, grow: int = 0,
-                    grow_threshold: float = 0.0, lanes: int | str = "auto") -> dict:
+                    grow_threshold: float = 0.0, lanes: int | str = "auto",
+                    _t0: float | None = None) -> dict:
     """Instances, table and summary for the finished result at ``out`` (see module doc).
     ``require_complete=False`` is for ``segment`` itself, before it writes COMPLETE.
     ``grow``: seeded growth steps (:mod:`segcore.objects.grow`) into pixels with foreground
     probability >= ``grow_threshold`` (off by default: on the nuclei data it lowered F1, see
-    docs/RESULTS.md). Without a client the shard tasks run on ``lanes`` threads of this
-    process ('auto': one per core, as segment's lanes; the work releases the GIL)."""
-    from segcore.execute import local_lanes, run_tasks
+    docs/RESULTS.md). Without a client the shard tasks run on ``lanes`` ('auto': one per
+    core, as segment's lanes): worker processes when the scene has PROCESS_MIN_SHARDS shards
+    or more (polygonising holds the GIL; a process costs ~1 s to start), else threads."""
+    from segcore.execute import local_lanes, process_lanes, run_tasks
     from segcore.objects.table import units
 
     if require_complete and not exists(join(out, "COMPLETE")):
         raise IncompleteResultError(f"{out}: no COMPLETE marker: segment the scene first")
-    t0 = time.perf_counter()
+    t0 = _t0 or time.perf_counter()
     root = _root(out, "r+")
     attrs = root.attrs["segcore"]
     class_names = list(attrs.get("class_names") or ["background", "foreground"])
@@ -322,8 +350,12 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
     if grow < 0 or not 0 <= grow_threshold <= 1:
         raise InputError(f"grow {grow}, grow threshold {grow_threshold}: use steps >= 0 and a "
                          "probability between 0 and 1")
-    _create_instances(root, root["labels/mask"])
     lanes = local_lanes(lanes, len(refs)) if client is None else 1
+    if client is None and lanes > 1 and len(refs) >= PROCESS_MIN_SHARDS:
+        with process_lanes(lanes) as pool:
+            return extract_objects(out, connectivity, pool, progress, require_complete,
+                                   polygons, simplify, grow, grow_threshold, lanes, t0)
+    _create_instances(root, root["labels/mask"])
 
     first = run_tasks(_label_task, [_Pass(out, r, n_classes, connectivity) for r in refs],
                       client, None, progress, "objects: label", lambda s: 1, lanes)
@@ -342,11 +374,12 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
                   client, None, progress, "objects: seeds", lambda s: 1, lanes)
     remove_tree(join(out, PARTS))  # a crashed earlier run's parts
     unit_attrs = {k: attrs[k] for k in ("geo", "pixel_size", "pixel_unit") if k in attrs}
+    own_levels = _task_levels(root[f"labels/{INSTANCES}"])
     specs = [_Pass(out, r, n_classes, connectivity, luts[i],
                    None if grow else _ring(r, at, strips, luts, height, width),
                    (r.row > 0, r.y1 < height, r.col > 0, r.x1 < width), polygons,
                    grow, grow_threshold, obj_class if grow else None, tuple(class_names),
-                   unit_attrs, simplify)
+                   unit_attrs, simplify, own_levels)
              for i, r in enumerate(refs)]
     parts = run_tasks(_measure_task, specs, client, None, progress, "objects: measure",
                       lambda s: 1, lanes)
@@ -354,7 +387,7 @@ def extract_objects(out: str, connectivity: int = 4, client=None, progress: bool
     if grow:
         del root[SEEDS]
     grp = root[f"labels/{INSTANCES}"]
-    for lv in sorted(int(k) for k in grp.array_keys() if k.isdigit())[1:]:
+    for lv in sorted(int(k) for k in grp.array_keys() if k.isdigit())[1 + own_levels:]:
         h, w = grp[str(lv)].shape
         shard = grp[str(lv)].shards[0]
         run_tasks(_pyramid_task, [(out, lv, rr, cc, shard) for rr in range(math_ceil(h, shard))
