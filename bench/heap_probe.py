@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                              text=True)
         rows["tune_heap" if tuned else "glibc default"] = json.loads(res.stdout)
-    print(f"| where | op | glibc default ms | tune_heap ms |\n|---|---|---|---|")
+    print("| where | op | glibc default ms | tune_heap ms |\n|---|---|---|---|")
     base, tuned = rows["glibc default"], rows["tune_heap"]
     for where in base:
         for op in base[where]:

@@ -12,7 +12,6 @@ import os
 import time
 from collections.abc import Callable, Iterable
 
-
 MAX_LANES = 4  # in-process tasks side by side (each holds a few windows or shards in flight)
 
 

@@ -1,5 +1,11 @@
 """The one place that composes IO, tiling, inference and writing: ``segment``.
 
+The stages live in their own modules: :mod:`segcore.plan` (what to do, from metadata),
+:mod:`segcore.prepare` (the output arrays, resume), :mod:`segcore.shards` (the shard tasks),
+:mod:`segcore.finalize` (pyramid, preview, objects, exports, report, COMPLETE); this module
+holds the configuration, the shard task specs and ``segment`` itself, and re-exports the
+stages' public names.
+
 Output under ``cfg.out`` (a local path or any fsspec prefix)::
 
     result.zarr/            OME-Zarr 0.5: probabilities (c, y, x) as the image, multiscale
@@ -17,35 +23,30 @@ only the shards whose records are missing or do not match their data.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from segcore.config import Frozen, check_input_dtype, split_names
-from segcore.errors import ConfigError, IncompleteResultError, InputError
+from segcore.config import Frozen, split_names
 from segcore.execute import MAX_LANES, local_lanes, run_tasks  # noqa: F401 - re-exported
-from segcore.io.uri import exists, join, read_bytes, remove_tree, scene_key, write_bytes_atomic
-from segcore.models.checkpoint import read_checkpoint
-from segcore.models.fields import ReceptiveField, cached_receptive_field
-from segcore.tiling import TileGrid, plan_tiles, round_up
-
-RESULT = "result.zarr"
-PREVIEW_SIDE = 1024
-MIN_LEVEL_SHARD = 128  # a pyramid level is written by the shard tasks while its shards are >= this
-
-
-def task_levels(core: int, n_levels: int) -> int:
-    """How many pyramid levels the shard tasks can write themselves: level L needs the core
-    to halve evenly L times (so each core's footprint is whole shards of ``core >> L``)."""
-    lv = 0
-    while lv + 1 < n_levels and core % (2 ** (lv + 1)) == 0 and \
-            core >> (lv + 1) >= MIN_LEVEL_SHARD:
-        lv += 1
-    return lv
+from segcore.finalize import (  # noqa: F401 - re-exported: segcore.pipeline is the face
+    Report,
+    build_pyramid,
+    finalize,
+    load_report,
+)
+from segcore.io.uri import join
+from segcore.plan import (  # noqa: F401 - re-exported
+    MIN_LEVEL_SHARD,
+    PREVIEW_SIDE,
+    RESULT,
+    ScenePlan,
+    plan,
+    task_levels,
+)
+from segcore.prepare import is_complete, prepare  # noqa: F401 - re-exported
+from segcore.tiling import choose_halo  # noqa: F401 - re-exported
 
 
 class SegmentConfig(Frozen):
@@ -142,289 +143,6 @@ class SegmentConfig(Frozen):
         return self
 
 
-class Report(BaseModel):
-    src: str
-    out: str
-    model: str
-    model_sha256: str
-    scene: dict[str, Any]
-    tile: int
-    halo: int
-    core: int
-    receptive_field: int | None
-    exact: bool
-    tiles_total: int
-    tiles_run: int = 0
-    tiles_skipped_background: int = 0
-    tiles_resumed: int = 0
-    seconds: float = 0.0
-    mpx_per_s: float = 0.0
-    compute_overhead: float = Field(1.0, description="window pixels computed per scene pixel")
-    precision: dict[str, Any] = Field(default_factory=dict)
-    timings: dict[str, float] = Field(
-        default_factory=dict, description="seconds per phase: plan, prepare, infer (wall), "
-        "pyramid, preview; summed over shards (they overlap, so the sums can exceed infer): "
-        "read, compute, write; and imports: the libraries this process loaded on its first "
-        "scene (zarr, the OME models, the scene reader, PNG), which are process start, not "
-        "per-scene work, and so are outside seconds")
-    versions: dict[str, str] = Field(default_factory=dict)
-    uris: dict[str, str] = Field(default_factory=dict)
-    warnings: list[str] = Field(default_factory=list)
-    objects: dict[str, Any] | None = Field(None, description="with --objects: counts per "
-                                           "class, connectivity, files written")
-    seams: dict[str, Any] | None = Field(None, description="with --seams N: how much the "
-                                         "result depends on where tiles were cut")
-
-
-@dataclass
-class ScenePlan:
-    cfg: SegmentConfig
-    info: Any  # segcore.io.readers.SceneInfo
-    grid: TileGrid
-    field: ReceptiveField
-    exact: bool
-    class_names: tuple[str, ...]
-    out_channels: int
-    model_sha256: str
-    pixel_size: float | None
-    pixel_unit: str | None
-    run: tuple[bool, ...]
-    warnings: list[str] = field(default_factory=list)
-    n_levels: int = 1
-    task_levels: int = 0  # levels 1..task_levels are written by the shard tasks themselves
-    level_shards: tuple[int, ...] = ()
-    thumb_stride: int = 0  # preview thumbnail sampled by the tasks every this many px
-    batch: int = 4  # windows per forward pass (cfg.batch, or what --tile auto fits)
-    class_map: str | None = None  # the named class map the model was trained with, if any
-    channels: tuple[int, ...] | None = None  # source channels the model sees (0-based)
-    skipped_nodata: bool = False  # skipped tiles hold no data: their mask reads NODATA_LABEL
-
-    @property
-    def preview_level(self) -> int:
-        """The mask level the preview shows: the first whose longer side is <= 1024."""
-        from segcore.io.zarrstore import level_shape
-
-        for lv in range(self.n_levels):
-            if max(level_shape(self.info.height, self.info.width, lv)) <= PREVIEW_SIDE:
-                return lv
-        return self.n_levels - 1
-
-    @property
-    def signature(self) -> str:
-        key = {"src": self.cfg.src, "level": self.info.level, "shape": [self.info.height,
-               self.info.width], "model": self.model_sha256, "tile": self.grid.tile,
-               "halo": self.grid.halo, "prob_dtype": self.cfg.prob_dtype,
-               "blend": self.cfg.blend, "level_shards": list(self.level_shards)}
-        if self.channels is not None:
-            key["channels"] = list(self.channels)
-        if self.skipped_nodata:
-            key["skipped_nodata"] = True
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def choose_halo(tile: int, multiple: int, field: ReceptiveField, halo) -> tuple[int, bool, list[str]]:
-    """(halo, exact, warnings). 'auto' takes the receptive-field radius when it fits in the
-    tile (exact stitching); otherwise the largest halo leaving half the tile as core, flagged
-    approximate."""
-    warnings: list[str] = []
-    if field.is_global:
-        exact = False
-        h = tile // 4 if halo == "auto" else halo
-        warnings.append("the model normalises over the whole map (group/instance norm): tiled "
-                        "output cannot equal whole-image output for any halo")
-        return h, exact, warnings
-    need = round_up(field.radius, multiple)
-    if halo == "auto":
-        if 2 * need < tile and tile - 2 * need >= multiple:
-            return need, True, warnings
-        h = (tile // 4) // multiple * multiple
-        warnings.append(
-            f"receptive field radius {field.radius} px needs a halo of {need}, which does not fit "
-            f"a {tile}-px tile (needs --tile >= {2 * need + multiple}); using halo {h}: "
-            "stitching is approximate"
-        )
-        return h, False, warnings
-    exact = halo >= field.radius
-    if not exact:
-        warnings.append(f"halo {halo} < receptive field radius {field.radius}: stitching is "
-                        "approximate (seams are possible)")
-    return halo, exact, warnings
-
-
-def plan(cfg: SegmentConfig) -> ScenePlan:
-    """Read the scene's metadata and the checkpoint's contract; lay out the tiles; decide
-    which contain foreground. Cheap: reads no full-resolution pixels."""
-    from segcore.inference import choose_device, choose_precision
-    from segcore.io.channels import channels_for_model
-    from segcore.io.readers import open_scene
-
-    # the precision the tasks will resolve, resolved here first: a bad SEGCORE_CPU_FEATURES
-    # (or --amp for this device) is refused before prepare writes anything
-    choose_precision(choose_device(cfg.device), cfg.amp)
-    ckpt, tensors = read_checkpoint(read_bytes(cfg.model), cfg.model)
-    scene = open_scene(cfg.src, level=cfg.level, mpp=cfg.mpp, channel_names=cfg.channel_names)
-    try:
-        scene, picked = channels_for_model(scene, cfg.channels, ckpt.contract, cfg.model)
-        info = scene.info
-        if info.channels != ckpt.spec.in_channels:
-            raise InputError(
-                f"{cfg.src}: has {info.channels} channel(s) but the model {cfg.model} expects "
-                f"{ckpt.spec.in_channels}; pick a matching scene or model"
-            )
-        check_input_dtype(info.dtype, ckpt.contract, cfg.src, cfg.model)
-        import torch
-
-        from segcore.models.checkpoint import check_weights
-        from segcore.models.registry import build_model
-
-        with torch.device("meta"):  # shapes only: no weights allocated or initialised
-            meta_model = build_model(ckpt.spec)
-        check_weights(meta_model, tensors, cfg.model, ckpt.spec.arch)  # before any write
-        del tensors
-        multiple = int(getattr(meta_model, "input_multiple", 1))
-        rf = cached_receptive_field(ckpt.spec)
-        tile, batch, notes = cfg.tile, cfg.batch, []
-        if tile == "auto":
-            tile, batch, why = _auto_tile(cfg, ckpt.spec, multiple, rf, info)
-            notes.append(why)
-        halo, exact, warnings = choose_halo(tile, multiple, rf, cfg.halo)
-        grid = plan_tiles(info.height, info.width, tile, halo, multiple)
-        warnings = picked + notes + warnings
-        if grid.core * 2 < grid.tile and len(grid.tiles) > 1:
-            warnings.append(
-                f"the core ({grid.core} px) is under half the {grid.tile}-px window (halo "
-                f"{grid.halo}): the model computes {grid.overhead:.1f}x the scene's pixels; "
-                f"use a larger --tile (or --tile auto)")
-        skipped_nodata = False
-        if cfg.skip_background and cfg.foreground != "all":
-            from segcore.foreground import foreground_mask, resolve_kind, tile_has_foreground
-
-            skipped_nodata = resolve_kind(info, cfg.foreground) == "nonzero" and (
-                info.nodata is not None or info.dtype.startswith("float"))
-            fg, factor = foreground_mask(scene, kind=cfg.foreground)
-            run = tuple(tile_has_foreground(fg, factor, t.y0, t.y1, t.x0, t.x1)
-                        for t in grid.tiles)
-        else:
-            run = (True,) * len(grid.tiles)
-    finally:
-        scene.close()
-    from segcore.io.zarrstore import n_levels_for
-
-    n_levels = n_levels_for(info.height, info.width) if cfg.pyramid else 1
-    tl = task_levels(grid.core, n_levels)
-    shards = tuple(grid.core >> min(lv, tl) for lv in range(n_levels))
-    p = ScenePlan(cfg, info, grid, rf, exact, tuple(ckpt.contract.class_names),
-                  ckpt.spec.out_channels, ckpt.sha256, info.pixel_size, info.pixel_unit,
-                  run, warnings, n_levels, tl, shards, batch=batch,
-                  class_map=cm if isinstance(cm := ckpt.extra.get("class_map"), str) else None,
-                  channels=scene.options.get("channels"), skipped_nodata=skipped_nodata)
-    from segcore.io.zarrstore import level_shape
-
-    lv = p.preview_level  # tasks sample the preview only if it is small (never without a pyramid)
-    if max(level_shape(info.height, info.width, lv)) <= PREVIEW_SIDE:
-        p.thumb_stride = 2 ** lv
-    return p
-
-
-def _auto_tile(cfg: SegmentConfig, spec, multiple: int, rf: ReceptiveField, info):
-    from segcore.inference import choose_device, choose_precision
-    from segcore.memory import auto_tile
-
-    dev = choose_device(cfg.device)
-    amp = choose_precision(dev, cfg.amp).amp
-    halo = round_up(rf.radius, multiple) if cfg.halo == "auto" and not rf.is_global else \
-        (0 if cfg.halo == "auto" else cfg.halo)
-    return auto_tile(spec, dev.type, amp, cfg.batch, multiple, halo, info.height, info.width)
-
-
-def is_complete(out: str) -> bool:
-    """True only if the COMPLETE marker exists (written after everything else)."""
-    return exists(join(out, "COMPLETE"))
-
-
-def load_report(out: str) -> Report:
-    if not is_complete(out):
-        raise IncompleteResultError(f"{out}: no COMPLETE marker: the run did not finish")
-    return Report.model_validate_json(read_bytes(join(out, "report.json")))
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from segcore import __version__
-
-    def _v(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:  # e.g. dask absent where segment runs with --workers 0
-            return "absent"
-
-    # versions from the installed metadata: importing dask just to read its version cost 0.3 s
-    return {"segcore": __version__, **{name: _v(name) for name in
-                                       ("torch", "zarr", "dask", "numpy")}}
-
-
-def _old_plan(uri: str) -> dict:
-    try:
-        old = json.loads(read_bytes(uri))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        old = None
-    if not isinstance(old, dict):
-        raise ConfigError(f"{uri}: is not a segcore plan; the output prefix holds something "
-                          "else: choose another one, or delete it first")
-    return old
-
-
-def prepare(p: ScenePlan) -> str:
-    """Create (or reuse, for a resume) the output arrays. Returns 'complete', 'resume' or
-    'new'."""
-    from segcore.inference import NODATA_LABEL
-    from segcore.io.zarrstore import create_multiscale, finish_label, open_group
-    from segcore.tiling import shard_chunk
-
-    cfg, info = p.cfg, p.info
-    plan_uri = join(cfg.out, "plan.json")
-    if exists(plan_uri):
-        old = _old_plan(plan_uri)
-        if old.get("signature") == p.signature:
-            return "complete" if is_complete(cfg.out) else "resume"
-        if old.get("src") is not None and scene_key(old["src"]) != scene_key(cfg.src):
-            raise ConfigError(  # a changed plan of the same scene restarts; another scene's
-                f"{cfg.out}: holds the result of another scene ({old['src']}); segment "
-                f"{cfg.src} into another output prefix, or delete {cfg.out} first")
-    for name in ("COMPLETE", "report.json", "plan.json", "shards", RESULT, "preview.png",
-                 "seams.png", "objects.json", "objects-parts", "objects.parquet", "objects.csv",
-                 "polygons.parquet", "mask.tif", "mask.cog.tif", "mask.ome.tif", "objects.qupath.geojson",
-                 "objects.gpkg", "objects.geoparquet.parquet", "objects.wgs84.geojson"):
-        remove_tree(join(cfg.out, name))
-    n_levels = p.n_levels
-    shards = list(p.level_shards)
-    chunks = [shard_chunk(sh, p.grid.multiple if lv == 0 else 1) for lv, sh in enumerate(shards)]
-    root = open_group(join(cfg.out, RESULT), mode="w")
-    create_multiscale(root, info.height, info.width, p.out_channels, cfg.prob_dtype, shards,
-                      chunks, n_levels, p.pixel_size, p.pixel_unit, name="probabilities")
-    mask = root.require_group("labels").require_group("mask")
-    create_multiscale(mask, info.height, info.width, None, "uint8", shards, chunks, n_levels,
-                      p.pixel_size, p.pixel_unit, name="mask",
-                      fill_value=NODATA_LABEL if p.skipped_nodata else 0)
-    nodata = info.nodata is not None or info.dtype.startswith("float")
-    finish_label(root, "mask", p.class_names, nodata_label=NODATA_LABEL if nodata else None)
-    root.attrs["segcore"] = {
-        "src": cfg.src, "level": info.level, "model": cfg.model,
-        "model_sha256": p.model_sha256, "class_names": list(p.class_names),
-        "pixel_size": p.pixel_size, "pixel_unit": p.pixel_unit, "geo": info.geo,
-        "probability_encoding": "uint8 0-255" if cfg.prob_dtype == "uint8" else "float16",
-        **({"class_map": p.class_map} if p.class_map else {}),
-        **({"channel_names": list(info.channel_names)} if info.channel_names else {}),
-        **({"nodata_label": NODATA_LABEL} if nodata else {}),
-    }
-    write_bytes_atomic(plan_uri, json.dumps({
-        "signature": p.signature, "src": cfg.src, "tiles": len(p.grid.tiles), "core": p.grid.core,
-        "halo": p.grid.halo, "tile": p.grid.tile, "levels": n_levels,
-    }).encode())
-    return "new"
-
-
 def _task_specs(p: ScenePlan, lanes: int = 1):
     """The shard tasks, ``shards_per_task`` tiles each, fewer where that would leave some of
     ``lanes`` without a task (which tiles go together changes nothing in the result)."""
@@ -456,116 +174,6 @@ def run_shards(p: ScenePlan, client=None, resources: dict | None = None,
     specs = list(_task_specs(p, lanes))
     return run_tasks(run_task, specs, client, resources, progress, "segment",
                      lambda s: len(s.tiles), lanes=lanes)
-
-
-def _downsample_task(args) -> list:
-    from segcore.io.zarrstore import downsample_block, open_group
-
-    out, level, row, col, shard = args
-    root = open_group(out, mode="r+")
-    downsample_block(root[str(level - 1)], root[str(level)], row, col, shard, "mean")
-    m = root["labels/mask"]
-    downsample_block(m[str(level - 1)], m[str(level)], row, col, shard, "nearest")
-    return []
-
-
-def build_pyramid(p: ScenePlan, client=None, progress: bool = False) -> int:
-    """Fill the levels the shard tasks did not write (task_levels+1 ..), one task per
-    destination shard, each from the level above."""
-    import math
-
-    from segcore.io.zarrstore import level_shape
-
-    out = join(p.cfg.out, RESULT)
-    for lv in range(p.task_levels + 1, p.n_levels):
-        shard = p.level_shards[lv]
-        h, w = level_shape(p.info.height, p.info.width, lv)
-        specs = [(out, lv, r, c, shard) for r in range(math.ceil(h / shard))
-                 for c in range(math.ceil(w / shard))]
-        run_tasks(_downsample_task, specs, client, None, progress, f"pyramid {lv}", lambda s: 1)
-    return p.n_levels
-
-
-def _planned_precision(cfg: SegmentConfig) -> dict:
-    """The precision the tasks would have run at, for a report where no task ran the model
-    (every shard resumed or background): resolved as the tasks resolve it."""
-    from segcore.inference import choose_device, choose_precision
-
-    dev = choose_device(cfg.device)
-    prec = choose_precision(dev, cfg.amp)
-    return {"amp": prec.amp, "channels_last": prec.channels_last, "compile": cfg.compile,
-            "device": str(dev), "reason": f"{prec.reason} (no shard ran the model in this run)"}
-
-
-def _sum(results: list[dict], key: str) -> float:
-    return round(sum(r.get(key, 0.0) for r in results), 3)
-
-
-def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None,
-             timings: dict[str, float] | None = None) -> Report:
-    from segcore.preview import write_preview
-
-    cfg = p.cfg
-    timings = dict(timings or {})
-    t0 = time.perf_counter()
-    levels = build_pyramid(p, client) if cfg.pyramid else 1
-    t1 = time.perf_counter()
-    write_preview(p, join(cfg.out, "preview.png"), results)
-    seams = None
-    if cfg.seams:
-        from segcore.seams import seam_report
-
-        t_s = time.perf_counter()
-        seams = seam_report(p, cfg.out, cfg.seams, client)
-        timings["seams"] = round(time.perf_counter() - t_s, 3)
-    objects = None
-    if cfg.objects:
-        from segcore.objects import extract_objects
-
-        objects = extract_objects(cfg.out, cfg.connectivity, client, require_complete=False,
-                                  grow=cfg.grow, grow_threshold=cfg.grow_threshold,
-                                  lanes=cfg.lanes)
-        timings["objects"] = objects["seconds"]
-    exports = {}
-    for fmt in cfg.exports:
-        from segcore.export import export
-
-        exports[fmt] = export(cfg.out, fmt, require_complete=False)
-    t2 = time.perf_counter()
-    timings.update(pyramid=round(t1 - t0, 3), preview=round(t2 - t1, 3),
-                   read=_sum(results, "read_s"), compute=_sum(results, "compute_s"),
-                   write=_sum(results, "write_s"))
-    seconds += t2 - t0
-    status = [r["status"] for r in results]
-    precision = next((r["precision"] for r in results if "precision" in r), None) or \
-        _planned_precision(cfg)
-    px = p.info.height * p.info.width
-    report = Report(
-        src=cfg.src, out=cfg.out, model=cfg.model, model_sha256=p.model_sha256,
-        scene={"height": p.info.height, "width": p.info.width, "channels": p.info.channels,
-               "dtype": p.info.dtype, "level": p.info.level, "pixel_size": p.pixel_size,
-               "pixel_unit": p.pixel_unit, "geo": p.info.geo, "format": p.info.format,
-               "channel_names": p.info.channel_names, "nodata": p.info.nodata},
-        tile=p.grid.tile, halo=p.grid.halo, core=p.grid.core,
-        receptive_field=None if p.field.is_global else p.field.radius, exact=p.exact,
-        tiles_total=len(p.grid.tiles), tiles_run=status.count("run"),
-        tiles_skipped_background=status.count("background"),
-        tiles_resumed=status.count("resumed"), seconds=round(seconds, 3),
-        mpx_per_s=round(px / 1e6 / seconds, 4) if seconds > 0 else 0.0,
-        compute_overhead=round(p.grid.overhead, 4), precision=precision, timings=timings,
-        versions=_versions(),
-        uris={"result": join(cfg.out, RESULT), "mask": join(cfg.out, RESULT, "labels/mask"),
-              "probabilities": join(cfg.out, RESULT), "report": join(cfg.out, "report.json"),
-              "preview": join(cfg.out, "preview.png"), "levels": str(levels),
-              **({"seams": seams["heatmap"]} if seams else {}),
-              **{f"export:{k}": v for k, v in exports.items()}},
-        warnings=p.warnings, objects=objects, seams=seams,
-    )
-    write_bytes_atomic(join(cfg.out, "report.json"), report.model_dump_json(indent=2).encode())
-    write_bytes_atomic(join(cfg.out, "COMPLETE"), json.dumps(
-        {"signature": p.signature, "report_sha256": hashlib.sha256(
-            report.model_dump_json().encode()).hexdigest()}).encode())
-    return report
 
 
 def warm_imports() -> float:

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from segcore.errors import ConfigError
+
+if TYPE_CHECKING:
+    from segcore.models.fields import ReceptiveField
 
 
 def round_up(n: int, m: int) -> int:
@@ -163,3 +167,32 @@ def shard_chunk(core: int, multiple: int, max_chunk: int = 512) -> int:
         if core % d == 0 and d <= max_chunk:
             best = d
     return best
+
+
+def choose_halo(tile: int, multiple: int, field: ReceptiveField, halo) -> tuple[int, bool, list[str]]:
+    """(halo, exact, warnings). 'auto' takes the receptive-field radius when it fits in the
+    tile (exact stitching); otherwise the largest halo leaving half the tile as core, flagged
+    approximate."""
+    warnings: list[str] = []
+    if field.is_global:
+        exact = False
+        h = tile // 4 if halo == "auto" else halo
+        warnings.append("the model normalises over the whole map (group/instance norm): tiled "
+                        "output cannot equal whole-image output for any halo")
+        return h, exact, warnings
+    need = round_up(field.radius, multiple)
+    if halo == "auto":
+        if 2 * need < tile and tile - 2 * need >= multiple:
+            return need, True, warnings
+        h = (tile // 4) // multiple * multiple
+        warnings.append(
+            f"receptive field radius {field.radius} px needs a halo of {need}, which does not fit "
+            f"a {tile}-px tile (needs --tile >= {2 * need + multiple}); using halo {h}: "
+            "stitching is approximate"
+        )
+        return h, False, warnings
+    exact = halo >= field.radius
+    if not exact:
+        warnings.append(f"halo {halo} < receptive field radius {field.radius}: stitching is "
+                        "approximate (seams are possible)")
+    return halo, exact, warnings

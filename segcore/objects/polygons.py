@@ -40,7 +40,7 @@ def shard_polygons(inst: np.ndarray, ref: ShardRef) -> dict[int, object]:
     if not inst.any():
         return {}
     src = inst.astype(np.int32)  # GDAL polygonises 32-bit signed ids (ids stay < 2^31)
-    coords, ring_of, poly_of, values = [], [], [], []
+    coords, ring_of, values = [], [], []
     for geom, value in shapes(src, mask=inst > 0, connectivity=4,
                               transform=Affine(1, 0, ref.x0, 0, 1, ref.y0)):
         for ring in geom["coordinates"]:  # the shell, then the holes
