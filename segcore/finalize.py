@@ -41,7 +41,8 @@ class Report(BaseModel):
     precision: dict[str, Any] = Field(default_factory=dict)
     timings: dict[str, float] = Field(
         default_factory=dict, description="seconds per phase: plan, prepare, infer (wall), "
-        "pyramid, preview; summed over shards (they overlap, so the sums can exceed infer): "
+        "pyramid, preview (what remains after the pyramid: the preview overlaps it when the tasks' "
+        "thumbnails make it, plus seams, objects and exports); summed over shards (they overlap, so the sums can exceed infer): "
         "read, compute, write; and imports: the libraries this process loaded on its first "
         "scene (zarr, the OME models, the scene reader, PNG), which are process start, not "
         "per-scene work, and so are outside seconds")
@@ -121,14 +122,24 @@ def _sum(results: list[dict], key: str) -> float:
 
 def finalize(p: ScenePlan, results: list[dict], seconds: float, client=None,
              timings: dict[str, float] | None = None) -> Report:
-    from segcore.preview import write_preview
+    from segcore.preview import from_tasks_alone, write_preview
 
     cfg = p.cfg
     timings = dict(timings or {})
     t0 = time.perf_counter()
-    levels = build_pyramid(p, client) if cfg.pyramid else 1
-    t1 = time.perf_counter()
-    write_preview(p, join(cfg.out, "preview.png"), results)
+    preview = join(cfg.out, "preview.png")
+    if from_tasks_alone(p, results):  # PNG encoding and blending overlap the pyramid's tasks
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="segcore-preview") as pool:
+            made = pool.submit(write_preview, p, preview, results)
+            levels = build_pyramid(p, client) if cfg.pyramid else 1
+            t1 = time.perf_counter()
+            made.result()
+    else:
+        levels = build_pyramid(p, client) if cfg.pyramid else 1
+        t1 = time.perf_counter()
+        write_preview(p, preview, results)
     seams = None
     if cfg.seams:
         from segcore.seams import seam_report

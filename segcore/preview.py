@@ -87,6 +87,15 @@ def _stretch(img: np.ndarray) -> np.ndarray:
     return np.clip((img.astype(np.float32) - lo) * scale, 0, 255).astype(np.uint8)
 
 
+def from_tasks_alone(p, results: list[dict] | None) -> bool:
+    """True if the preview can be made from what the shard tasks returned (mask blocks and
+    thumbnails of every tile), without reading the result's pyramid: it may then be made
+    while the pyramid is still being built."""
+    return bool(p.thumb_stride and 2 ** p.preview_level == p.thumb_stride and results and
+                sum("thumb_mask" in r for r in results) == len(p.grid.tiles) and
+                sum("thumb" in r for r in results) == len(p.grid.tiles))
+
+
 def _mask_from_tasks(p, results: list[dict] | None) -> np.ndarray | None:
     """The preview level's mask as the shard tasks returned it (each core's block of that
     level, which they wrote anyway), or None if any tile did not send one."""

@@ -10,6 +10,7 @@ import threading
 import time
 
 import numpy as np
+from PIL import Image
 import pytest
 import tifffile
 import torch
@@ -59,6 +60,18 @@ def test_lanes_write_what_one_lane_writes(tmp_path):
         got[lanes] = _arrays(tmp_path / f"l{lanes}")
     for k, a in got[1].items():
         assert np.array_equal(a, got[3][k]), k
+    # the preview (made from the tasks' thumbnails while the pyramid is built) is the same
+    # image as one made after the pyramid, from the result's mask levels and the scene
+    from segcore.pipeline import plan
+    from segcore.preview import from_tasks_alone, write_preview
+
+    p = plan(cfg)
+    assert not from_tasks_alone(p, None)
+    write_preview(p, str(tmp_path / "after.png"), None)
+    read = [np.asarray(Image.open(tmp_path / n)) for n in ("l1/preview.png", "l3/preview.png",
+                                                             "after.png")]
+    assert read[0].shape[:2] == (700, 610)  # small scene: level 0, no sampling
+    assert np.array_equal(read[0], read[1]) and np.array_equal(read[0], read[2])
 
 
 def test_lanes_share_one_device_and_overlap_their_host_work(tmp_path, monkeypatch):
