@@ -10,11 +10,11 @@ import threading
 import time
 
 import numpy as np
-from PIL import Image
 import pytest
 import tifffile
 import torch
 import zarr
+from PIL import Image
 
 from segcore.config import InputContract, ModelSpec, Normalization
 from segcore.models import build_model
