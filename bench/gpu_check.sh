@@ -29,6 +29,6 @@ run python3 -m bench compare --device cuda --model unet-w16 --size 4096 --tile 1
   --repeats 2 --contenders bare,segment,monai-0.25 --results $R --tag h200-unet-w16-4096
 run python3 -m bench compare --device cuda --model unet-w64 --size 8192 --tile 2048 --amp auto \
   --repeats 2 --contenders bare,segment,monai-0.25 --results $R --tag h200-unet-w64-8192
-run python3 -m bench io --device cuda --size 4096 --tile 1024 --kinds tiff,zarr --repeats 2 \
+run python3 -m bench io --device cuda --size 4096 --tile 1024 --kinds tiff,zarr --repeats 2 --workers 0,default \
   --results $R --tag h200-io-4096
 tar -cf "$OUT/results.tar" -C $R .
