@@ -124,7 +124,7 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
             notes.append(why)
         halo, exact, warnings = choose_halo(tile, multiple, rf, cfg.halo)
         grid = plan_tiles(info.height, info.width, tile, halo, multiple)
-        warnings = picked + notes + warnings
+        warnings = list(info.notes) + picked + notes + warnings
         if grid.core * 2 < grid.tile and len(grid.tiles) > 1:
             warnings.append(
                 f"the core ({grid.core} px) is under half the {grid.tile}-px window (halo "

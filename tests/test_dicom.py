@@ -425,3 +425,68 @@ def test_a_folder_without_zarr_or_dicom_is_still_refused(tmp_path):
     (tmp_path / "d" / "notes.txt").write_text("hello")
     with pytest.raises(InputError, match="is a directory but not a Zarr"):
         detect_format(str(tmp_path / "d"))
+
+
+# --- files converters write: VL WSI instances lacking attributes wsidicom needs ---------------
+def _strip(path: Path, *keys: str) -> None:
+    from pydicom import dcmread
+
+    ds = dcmread(path)
+    for k in keys:
+        if k in ds:
+            delattr(ds, k)
+    ds.save_as(path)
+
+
+NONCONFORMANT = ("ImageType", "DimensionOrganizationType", "FrameOfReferenceUID",
+                 "SharedFunctionalGroupsSequence")
+
+
+def test_nonconformant_dicom_segments_like_the_same_pixels_as_tiff(slide, model, segmented,
+                                                                    tmp_path):
+    """A slide as pydicom scripts write it (no ImageType, no DimensionOrganizationType, no
+    FrameOfReferenceUID, no PixelSpacing in shared functional groups) is read from its frames
+    (TILED_FULL order on level 1, per-frame positions on the sparse base) with the pixel size
+    inferred from ImagedVolumeWidth, and the report says so; a label image in the folder (no
+    ImageType either) is told apart by its shape. The result equals the conformant slide's."""
+    from pydicom.uid import generate_uid as uid
+
+    folder = tmp_path / "converted"
+    shutil.copytree(slide["folder"], folder)
+    label = np.full((120, 120, 3), 200, np.uint8)
+    write_instance(folder / "label.dcm", label, MPP, (uid(), uid(), uid()), ["ORIGINAL"])
+    for f in ("level0.dcm", "level1.dcm", "label.dcm"):
+        _strip(folder / f, *NONCONFORMANT)
+    with open_scene(str(folder)) as s:
+        assert s.info.level_shapes == (SHAPE, tuple(slide["shapes"][1]))
+        assert abs(s.info.pixel_size - MPP) < 1e-6
+        assert any("ImagedVolumeWidth" in n for n in s.info.notes)
+        np.testing.assert_array_equal(s.read(0, SHAPE[0], 0, SHAPE[1]), slide["levels"][0])
+    with open_scene(str(folder), level=1) as s:
+        np.testing.assert_array_equal(s.read(3, 150, 5, 205), slide["levels"][1][3:, 5:])
+    out = tmp_path / "out"
+    assert main(["segment", str(folder), str(out), "--model", model, *SEG_ARGS]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert any("inferred from ImagedVolumeWidth" in w for w in rep["warnings"])
+    assert any("lacks ImageType" in w for w in rep["warnings"])
+    assert abs(rep["scene"]["pixel_size"] - MPP) < 1e-6
+    for a, b in zip(_result(out), _result(segmented), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_nonconformant_dicom_that_cannot_be_placed_is_refused(tmp_path, model, capsys):
+    """Frames that do not fill the tiles, with neither DimensionOrganizationType nor per-frame
+    positions to place them: refused naming what is missing, exit 2, nothing written."""
+    from pydicom.uid import generate_uid as uid
+
+    img = slide_image()[:128, :192]
+    write_instance(tmp_path / "s" / "a.dcm", img, MPP, (uid(), uid(), uid()), VOLUME0,
+                   sparse=True, missing=((0, 0),))
+    _strip(tmp_path / "s" / "a.dcm", *NONCONFORMANT, "PerFrameFunctionalGroupsSequence")
+    with pytest.raises(InputError, match="PlanePositionSlideSequence"):
+        open_scene(str(tmp_path / "s"))
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "s"), str(out), "--model", model, *SEG_ARGS]) == 2  # bad input
+    err = capsys.readouterr().err
+    assert "a.dcm" in err and "DimensionOrganizationType" in err
+    assert not out.exists()

@@ -21,6 +21,9 @@ slice), a folder without a VOLUME instance or with instances of several slides, 
 headers, and (per level, when the level is opened) frames that lie beyond the end of the file
 or are fewer than the level needs. Each error names the file and says what to change.
 
+Instances that lack attributes wsidicom needs (as converters built on pydicom write them) are
+read from their frames instead: :func:`open_dicom` and :mod:`segcore.io.dicomframes`.
+
 The wsidicom objects (streams, frame caches) never leave the process: ``Scene`` pickles its URI.
 """
 
@@ -148,6 +151,33 @@ def _check_tiled_full(instances: list[_Instance]) -> None:
                 f"TILED_FULL level ({size.height} x {size.width} px in {tiles} tiles of "
                 f"{tile.height} x {tile.width} need {need} frames); export the slide again (or "
                 "as TILED_SPARSE with frame positions)")
+
+
+def open_dicom(uri: str) -> Source:
+    """The slide at ``uri``: through wsidicom, or, when its instances lack attributes wsidicom
+    needs (ImageType, DimensionOrganizationType, FrameOfReferenceUID, shared PixelSpacing; as
+    converters built on pydicom write them), from its frames (:mod:`segcore.io.dicomframes`).
+    A header that cannot be read at all is left to wsidicom's path, whose errors name it."""
+    from segcore.io.dicomframes import NOT_PYRAMID, DicomFramesSource, header, missing_attributes
+
+    fs, path = get_fs(uri)
+    with reading(uri):
+        files = dicom_files(fs, path) if fs.isdir(path) else [path]
+    lacking = False
+    for fpath in files:
+        try:
+            with fs.open(fpath, "rb") as fh:
+                ds, pixels_at = header(fh, fpath)
+        except Exception:  # noqa: BLE001 - the wsidicom path reports unreadable files
+            continue
+        if pixels_at is None:  # a header cut before the pixel data: wsidicom's path says so
+            continue
+        kinds = [str(v).upper() for v in ds.get("ImageType", [])]
+        if str(ds.get("SOPClassUID", "")) == WSI_SOP_CLASS and \
+                not any(k in NOT_PYRAMID for k in kinds) and missing_attributes(ds):
+            lacking = True
+            break
+    return DicomFramesSource(uri, files) if lacking else DicomSource(uri)
 
 
 class DicomSource(Source):

@@ -94,6 +94,7 @@ class SourceMeta:
     geo: dict | None = None
     nodata: float | None = None
     channel_names: tuple[str, ...] | None = None  # one per channel, where the format names them
+    notes: tuple[str, ...] = ()  # what the reader inferred or worked around (report warnings)
 
 
 def clean_names(names: list[str | None] | None, n: int) -> tuple[str, ...] | None:

@@ -68,6 +68,7 @@ class SceneInfo:
     nodata: float | None
     format: str  # one of FORMATS
     channel_names: tuple[str, ...] | None = None  # one per channel (after selection), or None
+    notes: tuple[str, ...] = ()  # what the reader inferred or worked around (report warnings)
 
 
 def detect_format(uri: str) -> str:
@@ -116,9 +117,9 @@ def _open_source(uri: str) -> Source:
 
         return ZarrSource(uri)
     if kind == "dicom":
-        from segcore.io.dicomscene import DicomSource
+        from segcore.io.dicomscene import open_dicom
 
-        return DicomSource(uri)
+        return open_dicom(uri)
     from segcore.io.pilscene import PilSource
 
     return PilSource(uri, kind)
@@ -194,6 +195,7 @@ def _info(meta: SourceMeta, level: int) -> SceneInfo:
         nodata=meta.nodata,
         format=meta.format,
         channel_names=meta.channel_names,
+        notes=meta.notes,
     )
 
 
