@@ -127,3 +127,15 @@ def check_input_dtype(dtype: str, contract, src: str, model: str) -> None:
             "(its normalisation divides by 255); convert the scene to 8 bits (e.g. "
             "gdal_translate -ot Byte -scale), or use a model trained on such data (segcore "
             "train --normalization stats)")
+
+
+def label_names(names: tuple[str, ...] | list[str] | None, out_channels: int) -> tuple[str, ...]:
+    """The name of every label a model's mask holds (index = label), 'background' first: a
+    list naming only the foreground classes (``--class-names nucleus`` for a one-logit model)
+    gets 'background' put in front, so label 1 reads 'nucleus' everywhere (mask, table,
+    QuPath), not '1'."""
+    names = tuple(names or ())
+    n = 2 if out_channels == 1 else out_channels
+    if names and len(names) == n - 1 and names[0].lower() != "background":
+        return ("background", *names)
+    return names

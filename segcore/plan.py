@@ -148,7 +148,10 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
     n_levels = n_levels_for(info.height, info.width) if cfg.pyramid else 1
     tl = task_levels(grid.core, n_levels)
     shards = tuple(grid.core >> min(lv, tl) for lv in range(n_levels))
-    p = ScenePlan(cfg, info, grid, rf, exact, tuple(ckpt.contract.class_names),
+    from segcore.config import label_names
+
+    p = ScenePlan(cfg, info, grid, rf, exact,
+                  label_names(ckpt.contract.class_names, ckpt.spec.out_channels),
                   ckpt.spec.out_channels, ckpt.sha256, info.pixel_size, info.pixel_unit,
                   run, warnings, n_levels, tl, shards, batch=batch,
                   class_map=cm if isinstance(cm := ckpt.extra.get("class_map"), str) else None,

@@ -4,6 +4,8 @@ measurements equal whole-image measurements."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tifffile
@@ -368,12 +370,19 @@ def test_vector_exports_refuse_what_they_cannot_do(tmp_path):
     out, _ = _segment(tmp_path, m)
     with pytest.raises(InputError, match="segcore objects"):
         export_vectors(out, "qupath")
+    # the CLI runs the objects step itself when the result has none, and says so
+    r = subprocess.run([sys.executable, "-m", "segcore", "export", out, "--to", "qupath"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("objects.qupath.geojson"), r.stderr
+    assert "running the objects step first" in r.stderr
+    qp = json.loads((tmp_path / "out" / "objects.qupath.geojson").read_text())
+    assert len(qp["features"]) == 1
     extract_objects(out)
     with pytest.raises(InputError, match="no CRS"):
         export_vectors(out, "geojson")
     r = subprocess.run([sys.executable, "-m", "segcore", "export", out, "--to", "qupath"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip().endswith("objects.qupath.geojson")
+    assert r.returncode == 0 and "objects step" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "segcore", "export", out, "--to", "geojson"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no CRS" in r.stderr and "Traceback" not in r.stderr
@@ -537,3 +546,37 @@ def test_seeded_growth_across_shards_equals_whole_image_growth(tmp_path):
     assert main(["objects", out, "--quiet"]) == 0
     inst = zarr.open_group(f"{out}/result.zarr", mode="r")["labels/instances/0"][:]
     _same_up_to_permutation(inst, seeds)
+
+
+def test_foreground_class_names_alone_name_the_objects(tmp_path):
+    """A model trained with ``--class-names nucleus`` (the foreground named, background
+    implied): the result, the table's per-class count and QuPath's classification say
+    'nucleus', not '1'; and train's config puts 'background' first itself."""
+    from segcore.config import InputContract, ModelSpec
+    from segcore.models import build_model
+    from segcore.models.checkpoint import save_checkpoint
+    from segcore.pipeline import SegmentConfig, segment
+    from segcore.training.config import TrainConfig
+
+    assert TrainConfig(data="d", out="o", steps=1, class_names="nucleus").class_names == \
+        ("background", "nucleus")
+    spec = ModelSpec(arch="pointwise", in_channels=3, out_channels=1, kwargs={})
+    model = build_model(spec).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.weight[0, 0] = 40.0
+        model.head.bias.fill_(-20.0)
+    ckpt = tmp_path / "nuc.safetensors"
+    save_checkpoint(model, str(ckpt), InputContract(channels=3, class_names=("nucleus",)), spec)
+    m = _blobs(300, 390, seed=2)
+    img = np.zeros((*m.shape, 3), np.uint8)
+    img[..., 0] = np.where(m, 255, 0)
+    tifffile.imwrite(tmp_path / "s.tif", img, tile=(64, 64), photometric="rgb")
+    out = tmp_path / "out"
+    rep = segment(SegmentConfig(src=str(tmp_path / "s.tif"), out=str(out), model=str(ckpt),
+                                tile=128, skip_background=False, objects=True,
+                                exports=("qupath",)), progress=False)
+    assert set(rep.objects["per_class"]) == {"nucleus"} and rep.objects["objects"] > 5
+    feats = json.loads((out / "objects.qupath.geojson").read_text())["features"]
+    assert {f["properties"]["classification"]["name"] for f in feats} == {"nucleus"}
+    assert set(_table(out / "objects.parquet")["class"]) == {"nucleus"}

@@ -18,8 +18,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         "mask (or --what probabilities) as a pyramidal OME-TIFF for QuPath; "
                         "qupath: objects as QuPath GeoJSON "
                         "(pixels); gpkg / geoparquet: objects in the scene's CRS; geojson: "
-                        "objects in WGS84 (RFC 7946). Object formats need 'segcore objects' "
-                        "(or segment --objects) first")
+                        "objects in WGS84 (RFC 7946). Object formats run the objects step "
+                        "first when the result has none ('segcore objects' defaults)")
     p.add_argument("--level", type=int, default=0,
                    help="geotiff: pyramid level of the mask (0 = full resolution)")
     p.add_argument("--what", default="mask", choices=["mask", "probabilities"],
@@ -46,7 +46,18 @@ def run(args: argparse.Namespace) -> int:
         print(export_cog(args.out, dst=args.dst, what=args.what))
         return 0
     if args.to != "geotiff":
-        from segcore.objects.vectors import export_vectors
+        import sys
+
+        from segcore.io.uri import exists, join
+        from segcore.objects.vectors import POLYGONS, export_vectors
+
+        if exists(join(args.out, "COMPLETE")) and not exists(join(args.out, POLYGONS)):
+            # the objects step has not run on this result: run it (what the user would do next)
+            from segcore.objects import extract_objects
+
+            print(f"{args.out}: no objects yet: running the objects step first (as 'segcore "
+                  f"objects {args.out}')", file=sys.stderr)
+            extract_objects(args.out)
 
         print(export_vectors(args.out, args.to, dst=args.dst, object_type=args.object_type))
         return 0

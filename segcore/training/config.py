@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from segcore.config import Frozen, split_names
+from segcore.config import Frozen, label_names, split_names
 from segcore.errors import ConfigError
 
 U2_ARCHS = ("u2net", "u2netp", "u2net-rec", "u2netp-rec")
@@ -102,6 +102,15 @@ class TrainConfig(Frozen):
     @classmethod
     def _split(cls, v):
         return split_names(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _background_first(cls, data: Any) -> Any:
+        """``class_names`` may name only the foreground classes (segcore.config.label_names)."""
+        if not isinstance(data, dict) or data.get("class_names") is None:
+            return data
+        names = tuple(split_names(data["class_names"]) or ())
+        return {**data, "class_names": label_names(names, int(data.get("out_channels") or 1))}
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
