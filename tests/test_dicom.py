@@ -490,3 +490,21 @@ def test_nonconformant_dicom_that_cannot_be_placed_is_refused(tmp_path, model, c
     err = capsys.readouterr().err
     assert "a.dcm" in err and "DimensionOrganizationType" in err
     assert not out.exists()
+
+
+def test_an_image_type_wsidicom_does_not_know_reads_from_the_frames(slide, tmp_path):
+    """VL WSI instances whose ImageType names no pyramid level wsidicom knows (here TILE
+    instead of VOLUME): wsidicom finds no VOLUME instance; the frames reader reads them, the
+    same pixels, and says why."""
+    from pydicom import dcmread
+
+    folder = tmp_path / "odd"
+    shutil.copytree(slide["folder"], folder)
+    for f in ("level0.dcm", "level1.dcm"):
+        ds = dcmread(folder / f)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "TILE"]
+        ds.save_as(folder / f)
+    with open_scene(str(folder)) as s:
+        assert any("wsidicom does not read its header (ImageType ORIGINAL/PRIMARY/TILE)" in n
+                   for n in s.info.notes)
+        np.testing.assert_array_equal(s.read(0, SHAPE[0], 0, SHAPE[1]), slide["levels"][0])

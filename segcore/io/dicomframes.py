@@ -254,8 +254,11 @@ class DicomFramesSource(Source):
     def _inspect(self) -> SourceMeta:
         base = self._levels[0]
         ds = base.ds
+        lacks = missing_attributes(ds)
+        why_not = f"the file lacks {', '.join(lacks)}" if lacks else \
+            f"wsidicom does not read its header (ImageType {'/'.join(ds.get('ImageType', []))})"
         notes = [f"{self.uri}: read without wsidicom, from the frames and the pixel matrix "
-                 f"geometry; the file lacks {', '.join(missing_attributes(ds))}"]
+                 f"geometry; {why_not}"]
         size, why = None, None
         for src, holder in (("PixelSpacing (shared functional groups)",
                              _shared_measures(ds)), ("PixelSpacing", ds)):

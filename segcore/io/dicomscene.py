@@ -47,6 +47,8 @@ MAGIC_OFFSET = 128  # "DICM" follows the 128-byte preamble
 SUFFIX = ".dcm"
 PROBE_FILES = 32  # files without the .dcm suffix whose first bytes a folder probe reads
 _ABSENT_LAB = (0x0048, 0x0015)  # RecommendedAbsentPixelCIELabValue
+READABLE_TS = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.90",
+               "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
 _CACHE_BYTES = 32 * 2**20  # decoded-frame cache per open scene (wsidicom's default: 100 MiB)
 
 
@@ -177,7 +179,17 @@ def open_dicom(uri: str) -> Source:
                 not any(k in NOT_PYRAMID for k in kinds) and missing_attributes(ds):
             lacking = True
             break
-    return DicomFramesSource(uri, files) if lacking else DicomSource(uri)
+    if lacking:
+        return DicomFramesSource(uri, files)
+    try:
+        return DicomSource(uri)
+    except InputError as e:  # a header wsidicom does not support: its frames may still read
+        if not getattr(e, "frames_may_read", False):
+            raise
+        try:
+            return DicomFramesSource(uri, files)
+        except InputError:
+            raise e from None
 
 
 class DicomSource(Source):
@@ -243,10 +255,17 @@ class DicomSource(Source):
                     reader = WsiDicomReader(stream)
                 except WsiDicomNotSupportedError as e:
                     if not folder or "not a whole slide image" not in str(e):
-                        raise InputError(
-                            f"{name}: a VL Whole Slide Microscopy Image that cannot be read "
-                            f"({e}; transfer syntax {stream.transfer_syntax.name}); export it "
-                            "with JPEG, JPEG 2000 or uncompressed 8-bit frames") from e
+                        ts = stream.transfer_syntax
+                        fix = ("the frames are already in a syntax segcore decodes, so it is "
+                               "the header wsidicom refuses: export the slide again with a WSI "
+                               "DICOM converter (e.g. wsidicomizer)" if str(ts) in READABLE_TS
+                               else "export it with JPEG, JPEG 2000 or uncompressed 8-bit "
+                               "frames")
+                        err = InputError(f"{name}: a VL Whole Slide Microscopy Image that "
+                                         f"cannot be read ({e}; transfer syntax {ts.name}); "
+                                         f"{fix}")
+                        err.frames_may_read = True  # open_dicom tries the frames reader
+                        raise err from e
                     skipped["VL WSI of another image type"] += 1
                     continue
                 except (EOFError, WsiDicomFileError, ValueError, KeyError, IndexError,
@@ -260,9 +279,12 @@ class DicomSource(Source):
             found.append(_Instance(name, reader, stream, size))
         if not found:
             kinds = ", ".join(f"{n} x {k}" for k, n in sorted(skipped.items())) or "nothing"
-            raise InputError(f"{uri}: no VL Whole Slide Microscopy Image pyramid level (VOLUME "
+            err = InputError(f"{uri}: no VL Whole Slide Microscopy Image pyramid level (VOLUME "
                              f"instance) here; found {kinds}; point to the slide's folder or "
                              "one of its VOLUME instances")
+            # VL WSI instances whose ImageType wsidicom does not know: their frames may read
+            err.frames_may_read = "VL WSI of another image type" in skipped
+            raise err
         _check_tiled_full(found)
         series = sorted({str(i.reader.uids.slide.series_instance) for i in found})
         if len(series) > 1:
