@@ -173,7 +173,7 @@ def make_cluster(cfg: ClusterConfig):
 
             ids = gpu_ids(cfg)
             return LocalCUDACluster(CUDA_VISIBLE_DEVICES=",".join(ids),
-                                    threads_per_worker=cfg.threads_per_worker or 1,
+                                    threads_per_worker=cfg.threads_per_worker or cfg.lanes_per_gpu(),
                                     resources=dict(GPU_RESOURCES), dashboard_address=dash,
                                     memory_limit=cfg.memory_limit, host="127.0.0.1")
         scheduler = {"cls": Scheduler, "options": {"dashboard_address": dash or ":0",
