@@ -362,8 +362,44 @@ def get_predictor(model_uri: str, device: str = "auto", amp: str = "auto",
         return _CACHE[key]
 
 
-def check_channels(pred: Predictor, channels: int, src: str) -> None:
-    want = pred.checkpoint.spec.in_channels
+class FunctionPredictor:
+    """Any ``fn``: (B, C, h, w) float32 raw pixels -> (B, K, h, w) probabilities, as the shard
+    loop's predictor (as MONAI's inferers take any callable): the real read, crop, quantise,
+    write and record path driven by a function (tests use an affine one; a user's own model
+    runs the same way). Quantising and labelling follow :meth:`Predictor.predict_quantized`
+    (uint8 = rint(p * 255), labels p >= 0.5 or the argmax, nodata pixels 0 / NODATA_LABEL);
+    no normalisation: ``fn`` gets the raw pixels as float32."""
+
+    device = None
+
+    def __init__(self, fn, in_channels: int, name: str = "function") -> None:
+        self.fn, self.in_channels = fn, in_channels
+        self.precision = {"amp": "none", "channels_last": False, "compile": False,
+                          "device": name, "reason": "a function given as the predictor"}
+
+    def predict_raw(self, raw: np.ndarray, nodata: float | None = None) -> np.ndarray:
+        p = np.asarray(self.fn(np.ascontiguousarray(raw.transpose(0, 3, 1, 2),
+                                                    dtype=np.float32)), np.float32)
+        bad = invalid_pixels(raw, nodata)
+        if bad is not None:
+            p = np.where(bad[:, None], np.float32(0), p)
+        return p
+
+    def predict_quantized(self, raw: np.ndarray, prob_dtype: str = "uint8",
+                          nodata: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        p = self.predict_raw(raw, nodata)
+        labels = (p[:, 0] >= 0.5) if p.shape[1] == 1 else p.argmax(1)
+        labels = labels.astype(np.uint8)
+        bad = invalid_pixels(raw, nodata)
+        if bad is not None:
+            labels[bad] = NODATA_LABEL
+        q = np.rint(p * 255).astype(np.uint8) if prob_dtype == "uint8" else p.astype(np.float16)
+        return q, labels
+
+
+def check_channels(pred, channels: int, src: str) -> None:
+    want = pred.in_channels if isinstance(pred, FunctionPredictor) else \
+        pred.checkpoint.spec.in_channels
     if channels != want:
         raise InputError(
             f"{src}: has {channels} channel(s) but the model expects {want}; pick a scene with "

@@ -169,15 +169,17 @@ def _scene(src: str, level: int, channels: tuple[int, ...] | None = None,
     return _SCENES[key]
 
 
-def run_task(spec: TaskSpec) -> list[dict]:
+def run_task(spec: TaskSpec, predictor=None) -> list[dict]:
     """Run one task's tiles; returns a list of ShardResult dicts (plus, with
-    ``thumb_stride``, a sampled thumbnail of each core's input under ``"thumb"``)."""
+    ``thumb_stride``, a sampled thumbnail of each core's input under ``"thumb"``).
+    ``predictor``: anything with the Predictor's ``predict_quantized``/``predict_raw`` (e.g. a
+    :class:`segcore.inference.FunctionPredictor`) instead of the spec's checkpoint."""
     from segcore.memory import tune_heap
 
     tune_heap()
     scene = _scene(spec.src, spec.level, spec.channels, spec.channel_names)
     info = scene.info
-    pred = get_predictor(spec.model, spec.device, spec.amp, compile=spec.compile)
+    pred = predictor or get_predictor(spec.model, spec.device, spec.amp, compile=spec.compile)
     check_channels(pred, info.channels, spec.src)
     root = open_group(spec.out, mode="r+")
     fault = os.environ.get(FAULT_ENV)
