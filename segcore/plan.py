@@ -125,11 +125,16 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
         halo, exact, warnings = choose_halo(tile, multiple, rf, cfg.halo)
         grid = plan_tiles(info.height, info.width, tile, halo, multiple)
         warnings = list(info.notes) + picked + notes + warnings
-        if grid.core * 2 < grid.tile and len(grid.tiles) > 1:
+        if (grid.core * 2 < grid.tile or grid.overhead >= 3) and len(grid.tiles) > 1:
+            # the smallest tile whose core is 70% of it with the halo exact stitching needs
+            need = halo if rf.is_global else max(halo, round_up(rf.radius, multiple))
+            good = round_up(max(tile, -(-2 * need * 10 // 3)), multiple)
             warnings.append(
-                f"the core ({grid.core} px) is under half the {grid.tile}-px window (halo "
-                f"{grid.halo}): the model computes {grid.overhead:.1f}x the scene's pixels; "
-                f"use a larger --tile (or --tile auto)")
+                f"the core ({grid.core} px) is {'under' if grid.core * 2 < grid.tile else 'only'} "
+                f"half the {grid.tile}-px window (halo "
+                f"{grid.halo}): the model computes {grid.overhead:.1f}x the scene's pixels in "
+                f"{len(grid.tiles)} windows; use --tile {good} (about "
+                f"{(good / max(1, good - 2 * need)) ** 2:.1f}x) or --tile auto")
         skipped_nodata = False
         if cfg.skip_background and cfg.foreground != "all":
             from segcore.foreground import foreground_mask, resolve_kind, tile_has_foreground

@@ -188,3 +188,22 @@ def test_the_shard_loop_takes_a_function_as_its_predictor(tmp_path):
     ref = predict_whole(fn, img.transpose(2, 0, 1).astype(np.float32), pad=8, multiple=1)
     np.testing.assert_array_equal(prob, np.rint(ref * 255).astype(np.uint8))
     np.testing.assert_array_equal(mask, (ref[0] >= 0.5).astype(np.uint8))
+
+
+def test_a_costly_tile_is_said_with_a_tile_that_is_not(tmp_path):
+    """--tile 64 under a 51-px field: the plan says the cost (4x the pixels, the window count)
+    and names a tile; that tile plans exact at about 2x, without the warning."""
+    import re
+
+    from segcore.pipeline import plan
+
+    _, _, ckpt = make_model(tmp_path, kwargs={"depth": 3, "width": 4})
+    _, src = make_scene(tmp_path, 700, 700)
+    cfg = {"src": src, "out": str(tmp_path / "o"), "model": ckpt, "skip_background": False}
+    p = plan(SegmentConfig(**cfg, tile=64))
+    said = [w for w in p.warnings if "x the scene's pixels in" in w]
+    assert len(said) == 1 and f"in {len(p.grid.tiles)} windows" in said[0], p.warnings
+    good = int(re.search(r"use --tile (\d+)", said[0]).group(1))
+    q = plan(SegmentConfig(**cfg, tile=good))
+    assert q.exact and q.grid.overhead < 2.3
+    assert not any("x the scene's pixels in" in w for w in q.warnings)
