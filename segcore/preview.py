@@ -138,6 +138,38 @@ def write_preview(p, uri: str, results: list[dict] | None = None, max_side: int 
         out = np.ascontiguousarray(thumb[..., :3])
         on = (mask > 0) & (mask != 255)  # 255: nodata (segcore.inference.NODATA_LABEL)
         out[on] = (out[on] * np.float32(0.55) + colour[on] * np.float32(0.45)).astype(np.uint8)
+    image = Image.fromarray(out)
+    _legend(image, mask, tuple(getattr(p, "class_names", ()) or ()))
     buf = io.BytesIO()
-    Image.fromarray(out).save(buf, format="PNG", compress_level=1)
+    image.save(buf, format="PNG", compress_level=1)
     write_bytes_atomic(uri, buf.getvalue())
+
+
+LEGEND_MIN_SIDE = 96  # smaller previews get no legend (it would cover them)
+
+
+def _legend(image: Image.Image, mask: np.ndarray, names: tuple[str, ...]) -> bool:
+    """A legend in the bottom-left corner: a swatch of each class colour the preview shows
+    and its name (the label number where the model names none). Returns whether drawn."""
+    from PIL import ImageDraw, ImageFont
+
+    if min(image.size) < LEGEND_MIN_SIDE:
+        return False
+    counts = np.bincount(mask.ravel(), minlength=256)
+    shown = [k for k in range(1, 255) if counts[k]]
+    if not shown:
+        return False
+    font = ImageFont.load_default()
+    labels = [names[k] if k < len(names) else str(k) for k in shown]
+    row, pad, box = 14, 4, 10
+    width = pad * 3 + box + max(int(font.getlength(t)) for t in labels)
+    height = pad * 2 + row * len(labels)
+    x0, y0 = 4, image.size[1] - 4 - height
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([x0, y0, x0 + width, y0 + height], fill=(0, 0, 0))
+    for i, (k, text) in enumerate(zip(shown, labels, strict=True)):
+        y = y0 + pad + i * row
+        colour = tuple(int(c) for c in PALETTE[k % len(PALETTE)])
+        draw.rectangle([x0 + pad, y + 1, x0 + pad + box, y + 1 + box], fill=colour)
+        draw.text((x0 + 2 * pad + box, y), text, fill=(255, 255, 255), font=font)
+    return True

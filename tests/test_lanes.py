@@ -162,3 +162,20 @@ def test_precision_is_recorded_when_every_shard_resumes(tmp_path):
     assert again.tiles_resumed == again.tiles_total and again.tiles_run == 0
     assert again.precision["amp"] == "none" and again.precision["device"] == "cpu"
     assert "no shard ran the model" in again.precision["reason"]
+
+
+def test_the_preview_has_a_legend_of_the_classes_it_shows():
+    """A swatch of each class colour shown, and its name (else the label number)."""
+    from segcore.preview import PALETTE, _legend
+
+    mask = np.zeros((200, 300), np.uint8)
+    mask[50:90, 50:90], mask[120:140, 200:260] = 1, 3
+    img = Image.fromarray(np.full((200, 300, 3), 128, np.uint8))
+    assert _legend(img, mask, ("background", "nucleus"))
+    corner = np.asarray(img)[120:, :80].reshape(-1, 3)
+    for k in (1, 3):  # both classes' colours are in the legend's corner, label 2's is not
+        assert (corner == PALETTE[k]).all(1).any()
+    assert not (corner == PALETTE[2]).all(1).any()
+    small = Image.fromarray(np.zeros((64, 64, 3), np.uint8))
+    assert not _legend(small, mask[:64, :64], ())
+    assert not _legend(img, np.zeros_like(mask), ("background",))  # nothing to name
