@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
           f"\n  report:  {report['uris']['report']}\n  preview: {report['uris']['preview']}"
           f"\n  overlay (green agree, red false positive, blue missed): {overlay}"
           f"\nDice vs the generator's truth: {dice:.3f}"
-          f"\nflow {secs:.0f} s; whole demo {time.perf_counter() - t_all:.0f} s")
+          + ("" if dice >= 0.8 else f" (the demo's model trained {args.train_minutes} min on "
+             "synthetic patches and is undertrained: give it longer with DEMO_ARGS="
+             "\"--train-minutes N\")")
+          + f"\nflow {secs:.0f} s; whole demo {time.perf_counter() - t_all:.0f} s")
     return 0
 
 

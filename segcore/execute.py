@@ -55,12 +55,55 @@ class _NoBar:
         pass
 
 
+class LineBar:
+    """Progress for a log (stderr not a terminal): a line every ``every`` seconds and at the
+    end, instead of a bar redrawn with carriage returns that a log shows as one long line."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, every: float = 30.0,
+                 n: int = 0) -> None:
+        self.total, self.desc, self.unit, self.every, self.n = total, desc, unit, every, n
+        self.post, self.t0, self.last = "", time.monotonic(), time.monotonic()
+
+    def _line(self) -> None:
+        import sys
+
+        of = f"/{self.total}" if self.total else ""
+        post = f", {self.post}" if self.post else ""
+        print(f"{self.desc}: {self.n}{of} {self.unit}s, {time.monotonic() - self.t0:.0f} s"
+              f"{post}", file=sys.stderr, flush=True)
+        self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.every:
+            self._line()
+
+    def set_postfix_str(self, s: str) -> None:
+        self.post = s
+
+    def set_postfix(self, post: dict, refresh: bool = False) -> None:
+        self.post = ", ".join(f"{k}={v}" for k, v in post.items())
+
+    def close(self) -> None:
+        self._line()
+
+
+def progress_bar(total: int | None, desc: str, unit: str, initial: int = 0, **tqdm_kwargs):
+    """A tqdm bar on a terminal, a :class:`LineBar` when stderr goes to a log or a pipe."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return LineBar(total, desc, unit, n=initial)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, dynamic_ncols=True,
+                **tqdm_kwargs)
+
+
 def _progress(total: int, enabled: bool, desc: str):
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tile", dynamic_ncols=True)
+    return progress_bar(total, desc, "tile")
 
 
 def _outcomes(fn, specs: list, client, resources, lanes: int = 1

@@ -179,3 +179,23 @@ def test_the_preview_has_a_legend_of_the_classes_it_shows():
     small = Image.fromarray(np.zeros((64, 64, 3), np.uint8))
     assert not _legend(small, mask[:64, :64], ())
     assert not _legend(img, np.zeros_like(mask), ("background",))  # nothing to name
+
+
+def test_progress_in_a_log_is_lines_not_carriage_returns(tmp_path):
+    """segment with its output to a file (not a terminal): progress lines, no bar redraws."""
+    import re
+    import subprocess
+    import sys
+
+    src = _scene(tmp_path, 300, 300)
+    model = _ckpt(tmp_path, kwargs={"depth": 2, "width": 4})
+    log = tmp_path / "log.txt"
+    with open(log, "w") as fh:
+        r = subprocess.run([sys.executable, "-m", "segcore", "segment", src,
+                            str(tmp_path / "out"), "--model", model, "--tile", "128",
+                            "--amp", "none", "--no-skip-background"], stdout=fh, stderr=fh,
+                           timeout=300)
+    text = log.read_text()
+    assert r.returncode == 0, text[-2000:]
+    assert "\r" not in text
+    assert re.search(r"^segment: (\d+)/\1 tiles, \d+ s, [\d.]+ Mpx/s$", text, re.M), text[-2000:]

@@ -247,10 +247,10 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
 
     bar = None
     if progress and rank == 0:
-        from tqdm import tqdm
+        from segcore.execute import progress_bar
 
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True,
-                   bar_format=None if cfg.steps else "{n} steps {elapsed} {postfix}")
+        bar = progress_bar(cfg.steps, "train", "step", initial=step,
+                           bar_format=None if cfg.steps else "{n} steps {elapsed} {postfix}")
     t0 = time.monotonic() - elapsed
     budget = cfg.minutes * 60 if cfg.minutes else None
     while True:
