@@ -56,13 +56,15 @@ class _NoBar:
 
 
 class LineBar:
-    """Progress for a log (stderr not a terminal): a line every ``every`` seconds and at the
-    end, instead of a bar redrawn with carriage returns that a log shows as one long line."""
+    """Progress for a log (stderr not a terminal): a line at the start, every ``every``
+    seconds and at the end, instead of a bar redrawn with carriage returns that a log shows as
+    one long line."""
 
     def __init__(self, total: int | None, desc: str, unit: str, every: float = 30.0,
                  n: int = 0) -> None:
         self.total, self.desc, self.unit, self.every, self.n = total, desc, unit, every, n
         self.post, self.t0, self.last = "", time.monotonic(), time.monotonic()
+        self._line()  # where it starts (a resumed run: the step it resumes from)
 
     def _line(self) -> None:
         import sys
