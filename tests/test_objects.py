@@ -14,7 +14,7 @@ import zarr
 from scipy import ndimage
 
 
-def _threshold_model(path):
+def _threshold_model(path, class_names=None):
     """A 1x1 convolution whose output is foreground exactly where channel 0 is 255."""
     from segcore.config import InputContract, ModelSpec
     from segcore.models import build_model
@@ -26,7 +26,9 @@ def _threshold_model(path):
         model.head.weight.zero_()
         model.head.weight[0, 0] = 40.0
         model.head.bias.fill_(-20.0)
-    save_checkpoint(model, str(path), InputContract(channels=3), spec)
+    contract = InputContract(channels=3) if class_names is None else \
+        InputContract(channels=3, class_names=class_names)
+    save_checkpoint(model, str(path), contract, spec)
     return str(path)
 
 
@@ -552,22 +554,12 @@ def test_foreground_class_names_alone_name_the_objects(tmp_path):
     """A model trained with ``--class-names nucleus`` (the foreground named, background
     implied): the result, the table's per-class count and QuPath's classification say
     'nucleus', not '1'; and train's config puts 'background' first itself."""
-    from segcore.config import InputContract, ModelSpec
-    from segcore.models import build_model
-    from segcore.models.checkpoint import save_checkpoint
     from segcore.pipeline import SegmentConfig, segment
     from segcore.training.config import TrainConfig
 
     assert TrainConfig(data="d", out="o", steps=1, class_names="nucleus").class_names == \
         ("background", "nucleus")
-    spec = ModelSpec(arch="pointwise", in_channels=3, out_channels=1, kwargs={})
-    model = build_model(spec).eval()
-    with torch.no_grad():
-        model.head.weight.zero_()
-        model.head.weight[0, 0] = 40.0
-        model.head.bias.fill_(-20.0)
-    ckpt = tmp_path / "nuc.safetensors"
-    save_checkpoint(model, str(ckpt), InputContract(channels=3, class_names=("nucleus",)), spec)
+    ckpt = _threshold_model(tmp_path / "nuc.safetensors", class_names=("nucleus",))
     m = _blobs(300, 390, seed=2)
     img = np.zeros((*m.shape, 3), np.uint8)
     img[..., 0] = np.where(m, 255, 0)
