@@ -52,7 +52,8 @@ from segcore.tiling import choose_halo  # noqa: F401 - re-exported
 class SegmentConfig(Frozen):
     src: str = Field(description="scene URI (TIFF/SVS/GeoTIFF/PNG/Zarr; local or s3://...)")
     out: str = Field(description="output prefix (local or s3://...)")
-    model: str = Field(description="checkpoint URI")
+    model: str = Field(description="checkpoint URI, or a shipped model's name (resolved where it "
+                       "is read: segcore.models.pretrained)")
     level: int | None = Field(None, ge=0)
     mpp: float | None = Field(None, gt=0, description="target pixel size (um or m per pixel)")
     channels: tuple[str, ...] | None = Field(

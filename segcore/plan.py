@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from segcore.errors import InputError
-from segcore.io.uri import read_bytes
-from segcore.models.checkpoint import read_checkpoint
+from segcore.models.checkpoint import read_checkpoint, read_model_bytes
 from segcore.models.fields import ReceptiveField, cached_receptive_field
 from segcore.tiling import TileGrid, choose_halo, plan_tiles, round_up
 
@@ -94,8 +93,11 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
     # the precision the tasks will resolve, resolved here first: a bad SEGCORE_CPU_FEATURES
     # (or --amp for this device) is refused before prepare writes anything
     choose_precision(choose_device(cfg.device), cfg.amp)
-    ckpt, tensors = read_checkpoint(read_bytes(cfg.model), cfg.model)
-    scene = open_scene(cfg.src, level=cfg.level, mpp=cfg.mpp, channel_names=cfg.channel_names)
+    ckpt, tensors = read_checkpoint(read_model_bytes(cfg.model), cfg.model)
+    c = ckpt.contract
+    scene = open_scene(cfg.src, level=cfg.level, mpp=cfg.mpp, channel_names=cfg.channel_names,
+                       model_scale=(c.pixel_size, c.pixel_unit, cfg.model) if c.pixel_size
+                       else None)
     try:
         scene, picked = channels_for_model(scene, cfg.channels, ckpt.contract, cfg.model)
         info = scene.info

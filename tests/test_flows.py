@@ -97,6 +97,20 @@ def test_segment_scene_local_then_skips(harness, model_uri, tmp_path):
     assert again["status"] == "skipped" and again["tiles_total"] == r["tiles_total"]
 
 
+def test_segment_scene_takes_a_shipped_model_by_name(harness, tmp_path):
+    """The flow passes the name through (each worker resolves it in its own install); the
+    report names the model and its digest."""
+    from segcore.models.pretrained import shipped
+
+    src = write_scene(tmp_path / "in" / "he.tif", 3, 96, 96)
+    opts = OPTIONS.model_copy(update={"tile": 256})  # the model's field is 107 px
+    r = segment_scene(src, str(tmp_path / "out"), "nuclei-he", opts, CLUSTER)
+    assert r["status"] == "segmented" and r["model"] == "nuclei-he"
+    assert "nuclei-he" in shipped() and r["model_sha256"]
+    with pytest.raises(Exception, match="shipped: .*nuclei-he"):
+        segment_scene(src, str(tmp_path / "out2"), "nuclei-hx", opts, CLUSTER)
+
+
 def test_flow_parameters_are_validated(harness, model_uri, tmp_path):
     with pytest.raises(Exception, match="tile"):
         segment_scene(str(tmp_path / "x.tif"), str(tmp_path), model_uri, {"tile": 3})

@@ -506,3 +506,27 @@ def test_geotiff_pixel_is_point_shifts_half_a_pixel():
     }
     assert geotiff_geo(keys) == {"crs": "EPSG:32616", "transform": [2.0, 0, 99.0, 0, -2.0, 201.0]}
     assert geotiff_geo({**keys, "ProjectedCSTypeGeoKey": 32767})["crs"] is None  # user-defined
+
+
+def test_level_for_a_model_pixel_size(tmp_path):
+    """Levels 0.5 / ~1.0 / ~2.0 um: a model's pixel size picks the level nearest it (within
+    1.3x), else the choice is refused with the levels and the fix; a scene without a pixel
+    size, or in metres for a micrometre model, uses level 0 and says so."""
+    p, _ = _pyramid(tmp_path)
+    for size, want in [(0.5, 0), (0.42, 0), (1.0, 1), (1.2, 1), (2.0, 2), (2.5, 2)]:
+        sc = open_scene(str(p), model_scale=(size, "micrometer", "m"))
+        assert sc.info.level == want, size
+        assert f"level {want} (" in sc.info.notes[-1] and f"trained at {size:g} um/px" in \
+            sc.info.notes[-1]
+        sc.close()
+    for size in (0.3, 1.45, 3.0):
+        with pytest.raises(ConfigError, match=r"pyr\.tif: no level is at the scale the model m "
+                           r"was trained at .*levels 0: 0\.5 um/px, 1: .*Pass --level \d"):
+            open_scene(str(p), model_scale=(size, "micrometer", "m"))
+    assert open_scene(str(p), level=2, model_scale=(0.5, "micrometer", "m")).info.level == 2
+    with open_scene(str(p), model_scale=(0.5, "meter", "m")) as sc:
+        assert sc.info.level == 0 and "pixels in micrometer" in sc.info.notes[-1]
+    png = tmp_path / "x.png"
+    Image.fromarray(_img(c=3)).save(png)
+    with open_scene(str(png), model_scale=(0.5, "micrometer", "m")) as sc:
+        assert sc.info.level == 0 and "no pixel size" in sc.info.notes[-1]

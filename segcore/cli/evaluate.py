@@ -9,7 +9,8 @@ from segcore.cli.train import _class_map
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint URI")
+    p.add_argument("--model", required=True,
+                   help="a shipped model by name (`segcore models`) or a checkpoint URI")
     p.add_argument("--data", required=True, help="folder with images/ + masks/ (local or s3://)")
     p.add_argument("--stems", help="e.g. 25-29 or 0251-0300")
     p.add_argument("--class-map", type=_class_map, help="default: the checkpoint's")

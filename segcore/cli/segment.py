@@ -17,7 +17,9 @@ from segcore.cli.common import (
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="scene: TIFF/SVS/OME-TIFF/GeoTIFF/PNG/JPEG/Zarr, local or s3://")
     p.add_argument("dst", help="output prefix (local directory or s3://bucket/prefix)")
-    p.add_argument("--model", required=True, help="checkpoint URI (segcore safetensors)")
+    p.add_argument("--model", required=True,
+                   help="a shipped model by name (`segcore models`: nuclei-he, ...) or a "
+                        "checkpoint URI (segcore safetensors, local or s3://)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--level", type=int, help="pyramid level of the source (0 = full)")
     g.add_argument("--mpp", type=float, help="target pixel size (um/px slides, m/px scenes)")

@@ -26,7 +26,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stems", help="training stems, e.g. 0-24 or 0001-0250")
     p.add_argument("--val", help="validation folder (default: none)")
     p.add_argument("--val-stems")
-    p.add_argument("--arch", default="unet", help="unet | u2net | u2netp | u2net-rec | u2netp-rec")
+    p.add_argument("--arch", help="unet (default) | u2net | u2netp | u2net-rec | u2netp-rec; "
+                   "with --init, the init model's")
     p.add_argument("--model-kwargs", default="{}", help='JSON, e.g. \'{"depth": 4, "width": 16}\'')
     p.add_argument("--patch", type=int, default=256)
     p.add_argument("--resize", type=int, help="resize every image to N x N first (SOD recipe)")
@@ -45,7 +46,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--class-map", type=_class_map, default="binary",
                    help="binary | instances | instances-borders (touching ids split by background) | "
                    "VALUE:CLASS,... (ISBI: 0:1,255:0)")
-    p.add_argument("--class-names", default="background,foreground")
+    p.add_argument("--class-names", help="the classes, background first (default "
+                   "background,foreground; with --init, the init model's); naming only the "
+                   "foreground class (nucleus) is enough for a binary model")
     from segcore.cli.common import add_channel_args
 
     add_channel_args(p, train=True)
@@ -70,6 +73,16 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--resume", help="checkpoint URI to continue from")
+    p.add_argument("--init", metavar="MODEL",
+                   help="fine-tune: start from this model's weights, a shipped model's name "
+                        "(`segcore models`, e.g. nuclei-he) or a checkpoint URI; keeps its "
+                        "architecture, normalisation, class names and pixel size")
+    p.add_argument("--pixel-size", type=float, metavar="S",
+                   help="pixel size of the training images (um/px for slides, m/px for "
+                        "scenes), recorded in the checkpoint: segment then picks the pyramid "
+                        "level at that scale")
+    p.add_argument("--pixel-unit", choices=("micrometer", "meter"),
+                   help="unit of --pixel-size (default micrometer)")
     p.add_argument("--workers", type=int, default=0,
                    help="N > 0: DDP over N Dask workers (--scheduler, or a LocalCluster)")
     p.add_argument("--scheduler", help="Dask scheduler address for --workers")
@@ -89,18 +102,22 @@ def build_config(args: argparse.Namespace):
     from segcore.training.config import AugmentConfig, TrainConfig
 
     try:
+        named = {k: v for k, v in (("arch", args.arch), ("init", args.init),
+                                     ("class_names", args.class_names)) if v is not None}
         return TrainConfig(
-            data=args.data, data_stems=args.stems, val=args.val, val_stems=args.val_stems,
-            arch=args.arch, model_kwargs=json.loads(args.model_kwargs), patch=args.patch,
+            **named, data=args.data, data_stems=args.stems, val=args.val, val_stems=args.val_stems,
+            model_kwargs=json.loads(args.model_kwargs), patch=args.patch,
             resize=args.resize, batch=args.batch, steps=args.steps, minutes=args.minutes,
             lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay, loss=args.loss,
             ema=args.ema,
             channels_last=args.channels_last, seed=args.seed, class_map=args.class_map,
-            class_names=tuple(args.class_names.split(",")), fg_fraction=args.fg_fraction,
+            fg_fraction=args.fg_fraction,
             augment=AugmentConfig(**json.loads(args.augment)), border_weight=args.border_weight,
             deep_supervision=False if args.no_deep_supervision else None, bf16=args.bf16,
             threads=args.threads, device=args.device, checkpoint_every=args.checkpoint_every,
             val_every=args.val_every, resume=args.resume, out=args.out,
+            pixel_size=args.pixel_size,
+            pixel_unit=args.pixel_unit or ("micrometer" if args.pixel_size else None),
             channels=args.channels, channel_names=args.channel_names,
             normalization=args.normalization, percentiles=_pair(args.percentiles))
     except json.JSONDecodeError as e:

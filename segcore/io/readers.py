@@ -178,6 +178,39 @@ def choose_level(meta: SourceMeta, level: int | None, mpp: float | None) -> int:
     return min(ok, key=lambda i: sizes[i])
 
 
+SCALE_TOLERANCE = 1.3  # a level within 1.3x of a model's pixel size is "its scale"
+
+
+def level_for_model(meta: SourceMeta, size: float, unit: str | None, model: str
+                    ) -> tuple[int, str]:
+    """The pyramid level at which a model trained at ``size`` (``unit``/px) sees its own scale,
+    and a sentence saying which and why; refused (with the levels and the fix) when no level
+    is within SCALE_TOLERANCE of it. A scene without a pixel size, or in another unit family
+    (um vs m), uses level 0 and says so."""
+    u = {"micrometer": "um", "meter": "m", "degree": "m"}
+    want = u.get(unit or "micrometer", unit)
+    if meta.pixel_size is None or u.get(meta.pixel_unit or "") != want:
+        what = "no pixel size" if meta.pixel_size is None else f"pixels in {meta.pixel_unit}"
+        return 0, (f"the scene records {what}, so level 0 is used as it is; the model {model} "
+                   f"was trained at {size:g} {want}/px: if the scene's scale differs, pass "
+                   "--mpp or --level (or rescale it)")
+    sizes = _sizes_for_mpp(meta)
+    best = min(range(len(sizes)), key=lambda i: abs(np.log(sizes[i] / size)))
+    ratio = sizes[best] / size
+    h, w = meta.level_shapes[best]
+    if 1 / SCALE_TOLERANCE <= ratio <= SCALE_TOLERANCE:
+        why = "the only level" if len(sizes) == 1 else "the level closest to it"
+        return best, (f"level {best} ({h}x{w}, {sizes[best]:.4g} {want}/px) chosen: the model "
+                      f"{model} was trained at {size:g} {want}/px ({why})")
+    listing = ", ".join(f"{i}: {s:.4g} {want}/px" for i, s in enumerate(sizes))
+    raise ConfigError(
+        f"{meta.uri}: no level is at the scale the model {model} was trained at ({size:g} "
+        f"{want}/px; levels {listing}): objects would look {max(ratio, 1 / ratio):.1f}x "
+        f"{'smaller' if ratio > 1 else 'larger'} than it learned. Pass --level {best} to run "
+        f"at {sizes[best]:.4g} {want}/px anyway, or rescale the scene to {size:g} {want}/px "
+        "(e.g. vips resize / gdalwarp -tr)")
+
+
 def _info(meta: SourceMeta, level: int) -> SceneInfo:
     fy, fx = level_ratio(meta.level_shapes, level)
     h, w = meta.level_shapes[level]
@@ -306,17 +339,25 @@ def _restore(info: SceneInfo, options: dict[str, Any]) -> Scene:
 
 
 def open_scene(uri: str, level: int | None = None, mpp: float | None = None,
-               channels: Any = None, channel_names: Sequence[str] | None = None) -> Scene:
+               channels: Any = None, channel_names: Sequence[str] | None = None,
+               model_scale: tuple[float, str | None, str] | None = None) -> Scene:
     """Open ``uri`` at a pyramid ``level`` or the level for a target ``mpp`` (not both).
     ``channel_names`` names the file's channels (one name each; replaces the names the file
-    has); ``channels`` then selects and orders them (:func:`resolve_channels`)."""
+    has); ``channels`` then selects and orders them (:func:`resolve_channels`).
+    ``model_scale`` = (pixel size, unit, model name): with neither level nor mpp, the level at
+    the model's own scale (:func:`level_for_model`; the choice lands in ``info.notes``)."""
     uri = str(uri)
     src = _open_source(uri)
     try:
+        note = None
+        if level is None and mpp is None and model_scale is not None:
+            level, note = level_for_model(src.meta, *model_scale)
         lv = choose_level(src.meta, level, mpp)
         check_scene_size(uri, lv, *src.meta.level_shapes[lv])  # before any read or plan
         src.open_level(lv)
         info = _info(src.meta, lv)
+        if note:
+            info = replace(info, notes=(*info.notes, note))
         names = None
         if channel_names is not None:
             names = tuple(str(n).strip() for n in channel_names)

@@ -76,6 +76,14 @@ def save_checkpoint(model: nn.Module, uri: str, contract: InputContract,
     return hashlib.sha256(data).hexdigest()
 
 
+def read_model_bytes(uri: str) -> bytes:
+    """The checkpoint's bytes: ``uri`` is a checkpoint URI or the name of a shipped model
+    (segcore.models.pretrained; its file's sha256 is checked against the package index)."""
+    from segcore.models.pretrained import resolve
+
+    return read_bytes(resolve(uri))
+
+
 def _header_metadata(data: bytes, uri: str) -> dict[str, str]:
     if len(data) < 8:
         raise CheckpointError(f"{uri}: not a segcore checkpoint (file is {len(data)} bytes)")
@@ -141,7 +149,7 @@ def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> tuple[nn.Mo
     """Rebuild the model from the checkpoint's own spec and load its weights (eval mode)."""
     from segcore.models.registry import build_model
 
-    data = read_bytes(uri)
+    data = read_model_bytes(uri)
     ckpt, tensors = read_checkpoint(data, uri)
     model = build_model(ckpt.spec)
     check_weights(model, tensors, uri, ckpt.spec.arch)  # names and shapes, one clear line

@@ -83,6 +83,9 @@ class TrainConfig(Frozen):
     checkpoint_every: int = Field(500, ge=1)
     val_every: int = Field(250, ge=1)
     resume: str | None = Field(None, description="checkpoint URI to resume from (its .state.pt)")
+    init: str | None = Field(None, description="start from this model's weights (a shipped "
+                             "model's name, e.g. 'nuclei-he', or a checkpoint URI): fine-tuning. "
+                             "Its architecture, normalisation and pixel size are kept")
     pixel_size: float | None = Field(None, gt=0)
     pixel_unit: str | None = None
     channels: tuple[str, ...] | None = Field(None, description="train on these channels, in "
@@ -118,6 +121,9 @@ class TrainConfig(Frozen):
             raise ConfigError("give exactly one of steps or minutes (e.g. steps=2000 or minutes=15)")
         if self.resize is not None and self.patch > self.resize:
             raise ConfigError(f"patch {self.patch} must be <= resize {self.resize}")
+        if self.init and self.resume:
+            raise ConfigError("give init (a new run from a model's weights) or resume (continue "
+                              "a run from its checkpoint), not both")
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise ConfigError(f"percentiles {self.percentiles}: need 0 <= low < high <= 100, "

@@ -26,7 +26,12 @@ from torch import nn
 from segcore.config import InputContract, ModelSpec, Normalization
 from segcore.errors import CheckpointError, ConfigError, DataError
 from segcore.io.uri import exists, read_bytes, write_bytes_atomic
-from segcore.models.checkpoint import read_checkpoint, save_checkpoint
+from segcore.models.checkpoint import (
+    check_weights,
+    read_checkpoint,
+    read_model_bytes,
+    save_checkpoint,
+)
 from segcore.models.registry import build_model
 from segcore.training.augment import augment_batch
 from segcore.training.config import TrainConfig
@@ -130,6 +135,41 @@ def prepare_data(cfg: TrainConfig):
     return train, val, contract
 
 
+def _init_config(cfg: TrainConfig):
+    """With ``cfg.init``: (cfg with the init model's architecture, (checkpoint, tensors)).
+    An architecture, kwargs or output count given explicitly and unlike the model's is refused."""
+    if not cfg.init:
+        return cfg, None
+    ckpt, tensors = read_checkpoint(read_model_bytes(cfg.init), cfg.init)
+    given = cfg.model_fields_set
+    s = ckpt.spec
+    for name, mine, theirs in (("arch", cfg.arch, s.arch),
+                                ("model_kwargs", cfg.model_kwargs, dict(s.kwargs)),
+                                ("out_channels", cfg.out_channels, s.out_channels)):
+        if name in given and mine != theirs and not (name == "model_kwargs" and not mine):
+            raise ConfigError(
+                f"init {cfg.init}: the model is {s.arch} {dict(s.kwargs)} with "
+                f"{s.out_channels} output(s); {name} {mine!r} differs: drop it (fine-tuning "
+                "keeps the model's architecture) or train from scratch without init")
+    return cfg.model_copy(update={"arch": s.arch, "model_kwargs": dict(s.kwargs),
+                                  "out_channels": s.out_channels}), (ckpt, tensors)
+
+
+def _init_contract(cfg: TrainConfig, ckpt, data_contract: InputContract) -> InputContract:
+    """Fine-tuning keeps the model's input contract (normalisation, channel names, pixel size,
+    class names) unless the run names its own pixel size or class names."""
+    c = ckpt.contract
+    if data_contract.channels != c.channels:
+        raise DataError(f"{cfg.data}: images have {data_contract.channels} channel(s), the init "
+                        f"model {cfg.init} takes {c.channels}; select channels with --channels")
+    given = cfg.model_fields_set
+    return c.model_copy(update={
+        "class_names": cfg.class_names if "class_names" in given else c.class_names,
+        "pixel_size": cfg.pixel_size if cfg.pixel_size else c.pixel_size,
+        "pixel_unit": cfg.pixel_unit if cfg.pixel_size else c.pixel_unit,
+        "channel_names": c.channel_names or data_contract.channel_names})
+
+
 def validate(model: nn.Module, val, contract: InputContract, cfg: TrainConfig,
              device: torch.device) -> float:
     was = model.training
@@ -177,18 +217,24 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
     device = device or resolve_device(cfg)
     if cfg.threads and device.type == "cpu":
         torch.set_num_threads(cfg.threads)
+    cfg, init = _init_config(cfg)
     train, val, contract = prepare_data(cfg)
+    if init is not None:
+        contract = _init_contract(cfg, init[0], contract)
     spec = ModelSpec(arch=cfg.arch, in_channels=contract.channels, out_channels=cfg.out_channels,
                      kwargs=cfg.model_kwargs)
     torch.manual_seed(cfg.seed)
     model = build_model(spec)
     if cfg.use_deep_supervision and not hasattr(model, "forward_all"):
         raise ConfigError(f"deep_supervision needs a U2-Net family model, not {cfg.arch!r}")
+    if init is not None:
+        check_weights(model, init[1], cfg.init, spec.arch)
+        model.load_state_dict(init[1])
     gen = torch.Generator().manual_seed(cfg.seed)
     opt_state, step, elapsed, losses, vals, best = None, 0, 0.0, [], [], None
     raw_state = None
     if cfg.resume:
-        ckpt, tensors = read_checkpoint(read_bytes(cfg.resume), cfg.resume)
+        ckpt, tensors = read_checkpoint(read_model_bytes(cfg.resume), cfg.resume)
         if ckpt.spec != spec:
             raise CheckpointError(f"{cfg.resume}: was trained as {ckpt.spec}, this run builds "
                                   f"{spec}; resume with the same arch and model kwargs")
@@ -233,7 +279,8 @@ def run(cfg: TrainConfig, progress: bool = True, rank: int = 0, world: int = 1,
                            unit_mapper(norm) if norm.mode == "stats" else None)
     per_rank = cfg.batch // world
     extra = {"resize": cfg.resize, "class_map": cfg.class_map, "arch": cfg.arch,
-             "patch": cfg.patch, "data": cfg.data, "data_stems": cfg.data_stems}
+             "patch": cfg.patch, "data": cfg.data, "data_stems": cfg.data_stems,
+             **({"init": cfg.init, "init_sha256": init[0].sha256} if init else {})}
 
     def checkpoint(uri: str, with_state: bool) -> None:
         save_checkpoint(final, uri, contract, spec,
