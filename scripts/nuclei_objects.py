@@ -43,7 +43,8 @@ def main() -> None:
         tifffile.imwrite(src, img, photometric="rgb", tile=(256, 256))
         rep = segment(SegmentConfig(src=str(src), out=str(out / stem), model=args.model,
                                     tile=args.tile, skip_background=False, objects=True,
-                                    connectivity=args.connectivity, grow=args.grow,
+                                    connectivity=args.connectivity,
+                                    **({} if args.grow is None else {"grow": args.grow}),
                                     grow_threshold=args.grow_threshold), progress=False)
         import zarr
 

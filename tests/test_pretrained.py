@@ -68,7 +68,10 @@ def test_every_shipped_file_matches_its_index_and_has_a_card():
         for needed in ("## Training data", "## Licence", "segcore train", "## Test",
                        "## Validation", "seed", "## Known failure cases", "## Input"):
             assert needed in card, f"{m.card}: no {needed!r}"
-        assert m.licence in card
+        licence = card.split("## Licence", 1)[1].split("\n## ", 1)[0].lower()
+        for word in ("research use", "unknown", "cc0", "cc by", "mit"):
+            if word in m.licence.lower():  # what the listing says, the card's section says
+                assert word in licence, (m.name, word)
     assert total <= MAX_SHIPPED_BYTES, f"shipped models take {total / 2**20:.1f} MiB"
 
 
