@@ -42,6 +42,7 @@ from segcore.io.uri import get_fs, is_local, reading
 
 FORMATS = ("tiff", "svs", "ome-tiff", "geotiff", "png", "jpeg", "zarr", "ome-zarr", "dicom")
 MPP_TOLERANCE = 0.1
+UNIT_ABBREV = {"micrometer": "um", "meter": "m", "degree": "m"}  # degrees: metres at the centre
 _MAGIC = (
     (b"II*\x00", "tiff"),
     (b"MM\x00*", "tiff"),
@@ -165,7 +166,7 @@ def choose_level(meta: SourceMeta, level: int | None, mpp: float | None) -> int:
     sizes = _sizes_for_mpp(meta)
     finest = min(range(n), key=lambda i: sizes[i])
     if mpp < sizes[finest] * (1 - MPP_TOLERANCE):
-        unit = {"micrometer": "um", "meter": "m", "degree": "m"}.get(meta.pixel_unit or "", "")
+        unit = UNIT_ABBREV.get(meta.pixel_unit or "", "")
         h, w = meta.level_shapes[finest]
         raise ConfigError(
             f"{meta.uri}: mpp {mpp:g} asks for pixels finer than the scene's finest level "
@@ -187,9 +188,8 @@ def level_for_model(meta: SourceMeta, size: float, unit: str | None, model: str
     and a sentence saying which and why; refused (with the levels and the fix) when no level
     is within SCALE_TOLERANCE of it. A scene without a pixel size, or in another unit family
     (um vs m), uses level 0 and says so."""
-    u = {"micrometer": "um", "meter": "m", "degree": "m"}
-    want = u.get(unit or "micrometer", unit)
-    if meta.pixel_size is None or u.get(meta.pixel_unit or "") != want:
+    want = UNIT_ABBREV.get(unit or "micrometer", unit)
+    if meta.pixel_size is None or UNIT_ABBREV.get(meta.pixel_unit or "") != want:
         what = "no pixel size" if meta.pixel_size is None else f"pixels in {meta.pixel_unit}"
         return 0, (f"the scene records {what}, so level 0 is used as it is; the model {model} "
                    f"was trained at {size:g} {want}/px: if the scene's scale differs, pass "
