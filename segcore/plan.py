@@ -127,6 +127,12 @@ def plan(cfg: SegmentConfig) -> ScenePlan:
         halo, exact, warnings = choose_halo(tile, multiple, rf, cfg.halo)
         grid = plan_tiles(info.height, info.width, tile, halo, multiple)
         warnings = list(info.notes) + picked + notes + warnings
+        if ckpt.extra.get("resize"):  # a whole-image model: segment does not resize scenes
+            warnings.append(
+                f"the model {cfg.model} was trained on whole images resized to "
+                f"{ckpt.extra['resize']} px; segment runs it at the scene's own pixels, a "
+                "different scale: for photos use 'segcore evaluate' / predict_image, which "
+                "resize, or fine-tune at this scale (segcore train --init)")
         if (grid.core * 2 < grid.tile or grid.overhead >= 3) and len(grid.tiles) > 1:
             # the smallest tile whose core is 70% of it with the halo exact stitching needs
             need = halo if rf.is_global else max(halo, round_up(rf.radius, multiple))

@@ -196,3 +196,28 @@ def test_the_wheel_holds_the_weights_and_cards(tmp_path):
             assert f"segcore/models/shipped/{f}" in names, f
     assert "segcore/models/shipped/index.json" in names
     print(f"wheel {wheel.name}: {wheel.stat().st_size / 2**20:.1f} MiB")
+
+
+def test_the_whole_photo_model_resizes_in_evaluate_and_segment_says_it_does_not(tmp_path):
+    """salient learned whole photos at 64 px: evaluate resizes (to 64 and back to the photo),
+    segment runs the scene's pixels and says so in the report."""
+    assert "salient" in pretrained.shipped()
+    data = tmp_path / "photos"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    yy, xx = np.mgrid[:90, :120]
+    blob = (yy - 45) ** 2 / 30**2 + (xx - 60) ** 2 / 40**2 < 1
+    img = np.full((90, 120, 3), (40, 90, 160), np.uint8)  # sky-blue background
+    img[blob] = (230, 200, 40)
+    Image.fromarray(img).save(data / "images" / "p.png")
+    Image.fromarray((blob * 255).astype(np.uint8)).save(data / "masks" / "p.png")
+    rc, out, err = _cli("evaluate", "--model", "salient", "--data", str(data))
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["resize"] == 64 and res["model"] == "salient"
+    assert 0 <= res["mean"]["max_f"] <= 1
+    rc, out, err = _cli("segment", str(data / "images" / "p.png"), str(tmp_path / "out"),
+                        "--model", "salient", "--workers", "0", "--quiet")
+    assert rc == 0, err
+    rep = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert any("resized to 64 px" in w for w in rep["warnings"]), rep["warnings"]
